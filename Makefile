@@ -1,0 +1,37 @@
+# Two commands for a fresh machine: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Images: one registry prefix and one tag, used by `make images` and written into the
+# compiled pipeline and the kustomize overlays (see images/ and manifests/).
+REGISTRY ?= ghcr.io/example
+TAG      ?= 0.1.0
+WORKDIR  ?= demo
+
+.PHONY: demo test install lint images push clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[cpu,dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m resnet_imagenet run-local --workdir $(WORKDIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q --durations=15
+
+images:
+	docker build -f images/trainer/Dockerfile -t $(REGISTRY)/resnet-imagenet-trainer:$(TAG) .
+	docker build -f images/launcher/Dockerfile -t $(REGISTRY)/resnet-imagenet-launcher:$(TAG) .
+
+push: images
+	docker push $(REGISTRY)/resnet-imagenet-trainer:$(TAG)
+	docker push $(REGISTRY)/resnet-imagenet-launcher:$(TAG)
+
+clean:
+	rm -rf $(VENV) $(WORKDIR) build *.egg-info .pytest_cache

@@ -1,0 +1,3 @@
+from resnet_imagenet.cli import main
+
+raise SystemExit(main())

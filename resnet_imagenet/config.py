@@ -1,0 +1,136 @@
+"""TrainConfig: the reference recipe as defaults, overridable by a YAML file and by flags.
+
+Precedence: defaults < ``--config YAML`` < explicit command-line flags. The resolved config is
+written to ``MODEL/config.json`` by the chief, and evaluation/export read it back from there, so
+they rebuild exactly the model that was trained (depth, classes, image size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from resnet_imagenet.errors import UserError
+
+RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data_dir: str = ""
+    model_dir: str = ""
+    image_size: int = 224
+    num_classes: int = 1000
+    # model
+    resnet_size: int = 50
+    zero_init_residual: bool = False
+    # optimisation: the reference recipe
+    batch_size: int = 256  # global, over all replicas
+    train_steps: int = 500_000
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    base_learning_rate: float = 0.1  # at the reference batch of 256
+    lr_schedule: str = "step"  # "step" | "cosine"
+    lr_boundaries: list[int] = field(default_factory=lambda: [150_000, 300_000, 400_000, 450_000])
+    lr_decay_factor: float = 0.1
+    boundaries_unit: str = "steps"  # "steps" | "epochs"
+    scale_lr_with_batch: bool = False  # large-batch recipe: lr = base * batch / 256
+    warmup_epochs: float = 0.0
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    # systems
+    mixed_precision: str = "auto"  # "auto" | "off" | "float16" | "bfloat16"
+    jit_compile: str = "auto"  # "auto" | "on" | "off"
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 5
+    log_every: int = 100
+    eval_every: int = 0  # steps between validation runs on the chief; 0 = only at the end
+    data_service: str = ""
+    shuffle_buffer: int = 10_000
+    seed: int = 0
+
+    def validate(self) -> "TrainConfig":
+        if self.resnet_size not in RESNET_DEPTHS:
+            raise UserError(
+                f"--resnet-size {self.resnet_size} is not a ResNet depth: use one of "
+                + ", ".join(map(str, RESNET_DEPTHS))
+            )
+        for name in ("batch_size", "train_steps", "image_size", "num_classes"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.lr_schedule not in ("step", "cosine"):
+            raise UserError(f"--lr-schedule {self.lr_schedule!r}: use 'step' or 'cosine'")
+        if self.boundaries_unit not in ("steps", "epochs"):
+            raise UserError(f"--boundaries-unit {self.boundaries_unit!r}: use 'steps' or 'epochs'")
+        if self.mixed_precision not in ("auto", "off", "float16", "bfloat16"):
+            raise UserError(
+                f"--mixed-precision {self.mixed_precision!r}: use auto, off, float16 or bfloat16"
+            )
+        if self.jit_compile not in ("auto", "on", "off"):
+            raise UserError(f"--jit-compile {self.jit_compile!r}: use auto, on or off")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UserError("--label-smoothing must be in [0, 1)")
+        if list(self.lr_boundaries) != sorted(self.lr_boundaries):
+            raise UserError("--lr-boundaries must be increasing")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
+        known = set(cls.field_names())
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(
+                f"unknown key(s) {', '.join(unknown)} in {source}: known keys are "
+                + ", ".join(sorted(known))
+            )
+        return cls(**values)
+
+    def updated(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def load_yaml(uri: str) -> dict:
+    """Read a YAML mapping of TrainConfig fields (local or gs://)."""
+    import yaml
+
+    from resnet_imagenet import storage
+
+    if not storage.exists(uri):
+        raise UserError(f"--config {uri} does not exist")
+    try:
+        values = yaml.safe_load(storage.read_text(uri)) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"--config {uri} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {uri} must hold a mapping of training settings")
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def save(config: TrainConfig, model_dir: str) -> None:
+    from resnet_imagenet import storage
+
+    storage.write_text(storage.join(model_dir, "config.json"), config.to_json() + "\n")
+
+
+def load(model_dir: str) -> TrainConfig:
+    """The config a model directory was trained with (``MODEL/config.json``)."""
+    from resnet_imagenet import storage
+
+    path = storage.join(model_dir, "config.json")
+    if not storage.exists(path):
+        raise UserError(
+            f"{path} not found: --model-dir must be a directory written by 'resnet-imagenet train'"
+        )
+    return TrainConfig.from_dict(json.loads(storage.read_text(path)), source=path)

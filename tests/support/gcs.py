@@ -1,0 +1,1 @@
+"""GCS emulator fixtures (fake-gcs-server + HTTPS CONNECT proxy): filled by the foundation issue."""
