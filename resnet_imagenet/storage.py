@@ -62,7 +62,7 @@ def normalize(uri: str) -> str:
     if is_remote(uri):
         if not re.match(r"^gs://[^/]+", uri):
             raise UserError(f"malformed GCS URI '{uri}': expected gs://BUCKET/PATH")
-        return uri.rstrip("/") if uri.count("/") > 2 else uri.rstrip("/")
+        return uri.rstrip("/")
     if uri.lower().startswith("file://"):
         uri = uri[len("file://"):]
     return uri.rstrip("/") or "/"
@@ -118,10 +118,9 @@ def glob(pattern: str) -> list[str]:
 def walk_files(uri: str) -> Iterator[str]:
     """Every file under ``uri``, recursively, as full URIs in sorted order."""
     uri = normalize(uri)
-    gfile = _gfile()
-    for dirpath, _dirs, files in gfile.walk(uri):
-        for name in sorted(files):
-            yield join(dirpath, name)
+    # gfile.walk visits directories in listing order, which on local disks is arbitrary.
+    found = [join(dirpath, name) for dirpath, _dirs, files in _gfile().walk(uri) for name in files]
+    yield from sorted(found)
 
 
 def size(uri: str) -> int:
