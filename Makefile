@@ -5,11 +5,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Images: one registry prefix and one tag, used by `make images` and written into the
 # compiled pipeline and the kustomize overlays (see images/ and manifests/).
-REGISTRY ?= ghcr.io/example
-TAG      ?= 0.1.0
+include images/versions.env   # REGISTRY, TAG, TF_VERSION; `make images REGISTRY=.. TAG=..` overrides
 WORKDIR  ?= demo
 
-.PHONY: demo test install lint images push clean
+.PHONY: demo test install images push manifests clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,12 +25,15 @@ test: $(STAMP)
 	$(PY) -m pytest -q --durations=15
 
 images:
-	docker build -f images/trainer/Dockerfile -t $(REGISTRY)/resnet-imagenet-trainer:$(TAG) .
-	docker build -f images/launcher/Dockerfile -t $(REGISTRY)/resnet-imagenet-launcher:$(TAG) .
+	docker build -f images/trainer/Dockerfile --build-arg TF_VERSION=$(TF_VERSION) -t $(REGISTRY)/resnet-imagenet-trainer:$(TAG) .
+	docker build -f images/launcher/Dockerfile --build-arg TF_VERSION=$(TF_VERSION) -t $(REGISTRY)/resnet-imagenet-launcher:$(TAG) .
 
 push: images
 	docker push $(REGISTRY)/resnet-imagenet-trainer:$(TAG)
 	docker push $(REGISTRY)/resnet-imagenet-launcher:$(TAG)
+
+manifests: $(STAMP)
+	$(PY) manifests/generate.py
 
 clean:
 	rm -rf $(VENV) $(WORKDIR) build *.egg-info .pytest_cache

@@ -24,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     conv.add_argument("--raw-dir", default=None, metavar="RAW",
                       help="raw ImageNet layout to read (default: generate ImageNet-sized JPEGs)")
     conv.add_argument("--workers", type=int, default=1,
-                      help="processes for our converter; the baseline uses as many threads")
-    conv.add_argument("--limit", type=int, default=400, help="images to convert (default 400)")
+                      help="worker processes for both, one thread each (default 1)")
+    conv.add_argument("--limit", type=int, default=400, help="images to convert; also how many ImageNet-sized JPEGs to generate "
+                      "when no --raw-dir is given (default 400)")
 
     inp = sub.add_parser("input", help="input pipeline images/s vs the reference pipeline")
     inp.add_argument("--data-dir", required=True, metavar="TFRECORDS",

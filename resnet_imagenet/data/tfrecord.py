@@ -100,7 +100,10 @@ def encode_example(rec: ImageRecord) -> bytes:
         "image/filename": b([rec.filename.encode()]),
         "image/encoded": b([rec.encoded]),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # deterministic: the feature map is otherwise serialized in a per-process order.
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(
+        deterministic=True
+    )
 
 
 def feature_spec() -> dict:
