@@ -1,13 +1,142 @@
-"""Filled by its issue; until then the command exits 2."""
+"""Run `resnet-imagenet train` as a Kubeflow TFJob, or as N local worker processes.
+
+Everything after '--' goes to `resnet-imagenet train` unchanged; it must name --data-dir and
+--model-dir. Examples:
+
+  # 4 workers x 1 GPU on a GKE node pool, validation curves from an evaluator replica
+  resnet-imagenet launch --workers 4 --gpus-per-worker 1 --accelerator nvidia-tesla-v100 \\
+      --evaluator --image REGISTRY/resnet-imagenet-trainer:TAG --service-account trainer \\
+      --run-id "$RUN_ID" --timeout 259200 -- \\
+      --data-dir gs://BUCKET/imagenet/tfrecords --model-dir gs://BUCKET/runs/r50
+
+  # the manifest only, for kubectl apply -f -
+  resnet-imagenet launch --dry-run --workers 2 -- --data-dir gs://B/d --model-dir gs://B/m
+
+  # the same contract on this machine: 2 processes with TF_CONFIG on 127.0.0.1
+  resnet-imagenet launch --backend local --workers 2 -- --data-dir D --model-dir M
+
+The tfjob backend waits for the TFJob to finish and streams worker 0's log. Exit status: 0 when
+training succeeded; 1 when it failed (the failed replica's last log lines are printed); 124
+after --timeout and 143 on SIGTERM, both once the TFJob is deleted (the local backend stops its
+processes instead); 2 on bad input, before anything is created. With the same --run-id (by
+default $KFP_RUN_ID) a restarted launcher re-attaches to its TFJob instead of starting another.
+"""
+
+from __future__ import annotations
 
 import argparse
+import math
+import os
+import sys
 
-from resnet_imagenet.errors import UserError
+from resnet_imagenet.launch import local, tfjob
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--backend", choices=("tfjob", "local"), default="tfjob",
+                        help="a TFJob on the current Kubernetes cluster (default), or local "
+                        "processes")
+    parser.add_argument("--workers", type=int, default=1, help="worker replicas (default 1); "
+                        "worker 0 is the chief")
+    parser.add_argument("--gpus-per-worker", type=int, default=0,
+                        help="nvidia.com/gpu per worker (default 0); local: GPUs each process sees")
+    parser.add_argument("--evaluator", action="store_true",
+                        help="also run 'evaluate --watch' on the checkpoints as they appear")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="stop (and delete the TFJob) after this long; also the TFJob's "
+                        "runPolicy.activeDeadlineSeconds (default: no limit)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the TFJob YAML for 'kubectl apply -f -' (local: the "
+                        "processes and their TF_CONFIG) and exit")
+
+    job = parser.add_argument_group("tfjob backend")
+    job.add_argument("--image", default=tfjob.DEFAULT_IMAGE,
+                     help="trainer image, pinned by tag or digest (default %(default)s)")
+    job.add_argument("--namespace", help="default: the kubeconfig context's, or the pod's")
+    job.add_argument("--name", help="TFJob name (default: derived from --run-id, else random)")
+    job.add_argument("--run-id", default=os.environ.get("KFP_RUN_ID", ""),
+                     help="KFP run (and task) id: the same id gives the same TFJob, which a "
+                     "restarted launcher re-attaches to (default $KFP_RUN_ID)")
+    job.add_argument("--kubeconfig", help="default: in a pod its service account, else "
+                     "$KUBECONFIG or ~/.kube/config")
+    job.add_argument("--context", help="kubeconfig context (default: the current one)")
+    job.add_argument("--service-account", default="",
+                     help="pods' service account, e.g. one bound to a GCP service account with "
+                     "Workload Identity")
+    job.add_argument("--gcs-secret", default="",
+                     help=f"secret with a GCP key as {tfjob.GCS_KEY_FILE}, mounted at "
+                     f"{tfjob.GCS_KEY_DIR} (GOOGLE_APPLICATION_CREDENTIALS)")
+    job.add_argument("--pvc", default="", metavar="CLAIM:PATH",
+                     help="mount a shared PersistentVolumeClaim in every pod")
+    job.add_argument("--accelerator", default="", metavar="TYPE",
+                     help=f"GKE GPU node pool: nodeSelector {tfjob.GKE_ACCELERATOR_LABEL}=TYPE")
+    job.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE",
+                     help="node label the pods require (repeatable)")
+    job.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE][:EFFECT]",
+                     help="taint the pods tolerate (repeatable); with GPUs, nvidia.com/gpu is "
+                     "tolerated already")
+    job.add_argument("--cpu", default="4", help="CPU request per pod (default %(default)s)")
+    job.add_argument("--memory", default="16Gi",
+                     help="memory request and limit per pod (default %(default)s)")
+    job.add_argument("--shm-size", default="2Gi", help="/dev/shm size (default %(default)s)")
+    job.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                     help="extra environment variable for the pods (repeatable)")
+    job.add_argument("--restart-policy", choices=tfjob.RESTART_POLICIES, default="ExitCode",
+                     help="ExitCode (default): restart on signals/preemption (exit 128+), fail "
+                     "on errors (exit 1-127)")
+    job.add_argument("--clean-pod-policy", choices=tfjob.CLEAN_POD_POLICIES, default="Running",
+                     help="pods deleted when the job ends (default Running: finished pods stay "
+                     "for their logs)")
+    job.add_argument("--backoff-limit", type=int, default=5,
+                     help="restarts before the job fails (default %(default)s)")
+    job.add_argument("--ttl-seconds-after-finished", type=int, default=86_400,
+                     help="delete the finished TFJob after this long (default one day)")
+    job.add_argument("--poll-interval", type=float, default=tfjob.DEFAULT_POLL_INTERVAL,
+                     metavar="SECONDS", help="how often to check the TFJob (default %(default)s)")
+    job.add_argument("--log-tail", type=int, default=tfjob.DEFAULT_LOG_TAIL, metavar="LINES",
+                     help="log lines shown of each failed replica (default %(default)s)")
+    parser.add_argument("train_args", nargs="*", metavar="-- TRAIN_FLAGS",
+                        help="flags of 'resnet-imagenet train'")
+
+
+def tfjob_options(args: argparse.Namespace) -> tfjob.TFJobOptions:
+    """The TFJob options the flags describe (validated when the manifest is built)."""
+    return tfjob.TFJobOptions(
+        name=args.name or tfjob.job_name(args.run_id),
+        train_args=list(args.train_args),
+        namespace=args.namespace,
+        image=args.image,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        evaluator=args.evaluator,
+        cpu=args.cpu,
+        memory=args.memory,
+        shm_size=args.shm_size,
+        accelerator=args.accelerator,
+        node_selector=tfjob.parse_key_values(args.node_selector, "--node-selector"),
+        tolerations=[tfjob.parse_toleration(t) for t in args.toleration],
+        service_account=args.service_account,
+        gcs_secret=args.gcs_secret,
+        pvc=args.pvc,
+        env=tfjob.parse_key_values(args.env, "--env"),
+        restart_policy=args.restart_policy,
+        clean_pod_policy=args.clean_pod_policy,
+        backoff_limit=args.backoff_limit,
+        ttl_seconds_after_finished=args.ttl_seconds_after_finished,
+        active_deadline_seconds=math.ceil(args.timeout) if args.timeout else None,
+        run_id=args.run_id,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    raise UserError("not implemented yet")
+    if args.backend == "local":
+        return local.launch_local(
+            args.train_args, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+            evaluator=args.evaluator, timeout=args.timeout, dry_run=args.dry_run)
+    opts = tfjob_options(args)
+    if args.dry_run:
+        sys.stdout.write(tfjob.tfjob_yaml(opts))
+        return 0
+    return tfjob.launch_tfjob(
+        opts, kubeconfig=args.kubeconfig, context=args.context, timeout=args.timeout,
+        poll_interval=args.poll_interval, log_tail=args.log_tail)
