@@ -4,7 +4,7 @@
 # through Kubeflow Pipelines and find the run's curves in TensorBoard.
 #
 # Needs: a cluster with Kubeflow Pipelines (>= 2.2 backend) and training-operator v1.9; the
-# images pushed (`make images push`, see docs/cluster.md); a KUBECONFIG whose user may apply
+# images pushed (`make images push`, see README.md, "Run on a cluster"); a KUBECONFIG whose user may apply
 # the manifests and impersonate service accounts; Google credentials on this machine that can
 # write the bucket (the demo data is uploaded from here); and the venv (`make install`).
 #
