@@ -36,10 +36,14 @@ class TrainConfig:
     lr_boundaries: list[int] = field(default_factory=lambda: [150_000, 300_000, 400_000, 450_000])
     lr_decay_factor: float = 0.1
     boundaries_unit: str = "steps"  # "steps" | "epochs"
+    num_train_images: int = 0  # 0 = from DATA/manifest.json, else counted (epochs need it)
     scale_lr_with_batch: bool = False  # large-batch recipe: lr = base * batch / 256
     warmup_epochs: float = 0.0
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
+    # augmentation: the Inception recipe (crops of 5%..100% of the image, random flips)
+    min_crop_area: float = 0.05
+    random_flip: bool = True
     # systems
     mixed_precision: str = "auto"  # "auto" | "off" | "float16" | "bfloat16"
     jit_compile: str = "auto"  # "auto" | "on" | "off"
@@ -72,8 +76,20 @@ class TrainConfig:
             raise UserError(f"--jit-compile {self.jit_compile!r}: use auto, on or off")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UserError("--label-smoothing must be in [0, 1)")
+        if not 0.0 < self.min_crop_area <= 1.0:
+            raise UserError("--min-crop-area must be in (0, 1]")
         if list(self.lr_boundaries) != sorted(self.lr_boundaries):
             raise UserError("--lr-boundaries must be increasing")
+        if self.optimizer != "sgd":
+            raise UserError(
+                f"--optimizer {self.optimizer!r}: only 'sgd' (with momentum) is supported")
+        for name in ("log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("checkpoint_every", "eval_every", "num_train_images", "warmup_epochs",
+                     "weight_decay", "base_learning_rate", "momentum"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must not be negative")
         return self
 
     def to_dict(self) -> dict:
@@ -95,10 +111,38 @@ class TrainConfig:
                 f"unknown key(s) {', '.join(unknown)} in {source}: known keys are "
                 + ", ".join(sorted(known))
             )
+        defaults = cls()
+        values = {k: _coerce(k, v, getattr(defaults, k), source) for k, v in values.items()}
         return cls(**values)
 
     def updated(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _coerce(name: str, value, default, source: str):
+    """``value`` as the type of the field's default (an int is a valid float); else refuse."""
+    def fail():
+        raise UserError(f"{name} in {source} must be {type(default).__name__}, not {value!r}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            fail()
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list):
+            fail()
+        return [_coerce(name, v, default[0], source) for v in value] if default else list(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail()
+        return float(value)
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail()
+        return value
+    if not isinstance(value, type(default)):
+        fail()
+    return value
 
 
 def load_yaml(uri: str) -> dict:

@@ -26,11 +26,12 @@ def _to_uint8(image: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
-def distorted_crop_window(image_bytes: tf.Tensor, bbox: tf.Tensor, seed=None) -> tf.Tensor:
+def distorted_crop_window(image_bytes: tf.Tensor, bbox: tf.Tensor, seed=None,
+                          area_range=AREA_RANGE) -> tf.Tensor:
     """The Inception crop as a ``[y, x, height, width]`` window of the encoded JPEG.
 
     ``bbox`` is float32 ``[1, n, 4]`` of (ymin, xmin, ymax, xmax) in [0, 1]; with n == 0 the
-    whole image stands in for the box.
+    whole image stands in for the box. ``area_range`` bounds the crop's share of the image.
     """
     shape = tf.image.extract_jpeg_shape(image_bytes)
     begin, size, _ = tf.image.sample_distorted_bounding_box(
@@ -39,7 +40,7 @@ def distorted_crop_window(image_bytes: tf.Tensor, bbox: tf.Tensor, seed=None) ->
         seed=seed,
         min_object_covered=MIN_OBJECT_COVERED,
         aspect_ratio_range=ASPECT_RATIO_RANGE,
-        area_range=AREA_RANGE,
+        area_range=area_range,
         max_attempts=MAX_ATTEMPTS,
         use_image_if_no_bounding_boxes=True,
     )
@@ -49,11 +50,16 @@ def distorted_crop_window(image_bytes: tf.Tensor, bbox: tf.Tensor, seed=None) ->
 
 
 def preprocess_train(image_bytes: tf.Tensor, bbox: tf.Tensor, image_size: int = 224,
-                     seed=None) -> tf.Tensor:
-    """Distorted-box crop fused with JPEG decoding, random flip, resize: uint8 [S, S, 3]."""
-    window = distorted_crop_window(image_bytes, bbox, seed=seed)
+                     seed=None, area_range=AREA_RANGE, flip: bool = True) -> tf.Tensor:
+    """Distorted-box crop fused with JPEG decoding, random flip, resize: uint8 [S, S, 3].
+
+    ``area_range`` and ``flip`` default to the recipe; milder crops and no flip suit datasets
+    whose classes are not mirror-invariant or whose objects fill the frame (the digits demo).
+    """
+    window = distorted_crop_window(image_bytes, bbox, seed=seed, area_range=area_range)
     image = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
-    image = tf.image.random_flip_left_right(image, seed=seed)
+    if flip:
+        image = tf.image.random_flip_left_right(image, seed=seed)
     image = tf.image.resize(image, [image_size, image_size], method="bilinear")
     return _to_uint8(image)
 

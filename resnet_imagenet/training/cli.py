@@ -1,13 +1,118 @@
-"""Filled by its issue; until then the command exits 2."""
+"""Train ResNet with the custom multi-worker loop; TF_CONFIG decides the strategy.
+
+Settings: the reference recipe's defaults < a ``--config YAML`` file (keys are the flag names,
+with - or _) < flags given on the command line. Every worker of a cluster runs the same command.
+The model directory (local or gs://) receives checkpoints, TensorBoard logs, config.json,
+labels.json and train_summary.json; a rerun resumes from its latest checkpoint.
+
+Large-batch recipe, for example for a global batch of 4096:
+
+  resnet-imagenet train --data-dir gs://b/tfrecords --model-dir gs://b/model \\
+      --batch-size 4096 --scale-lr-with-batch --warmup-epochs 5 --lr-schedule cosine \\
+      --label-smoothing 0.1 --train-steps 28150
+
+Exit status: 0 when done, 2 on bad input or a diverged loss, 143 after a SIGTERM-triggered
+checkpoint or when another worker vanished (retryable under the training operator's ExitCode
+restart policy; the restarted job resumes from the latest checkpoint).
+"""
+
+from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 
+from resnet_imagenet import config as config_lib
+from resnet_imagenet.config import RESNET_DEPTHS, TrainConfig
 from resnet_imagenet.errors import UserError
+
+log = logging.getLogger(__name__)
+
+HELP = {
+    "data_dir": "TFRecord directory (train-*/validation-* shards), local or gs://",
+    "model_dir": "where checkpoints, logs and config.json go, local or gs://",
+    "image_size": "training crop size in pixels",
+    "num_classes": "model outputs (labels 1..N of the shards become 0..N-1)",
+    "resnet_size": f"depth: one of {', '.join(map(str, RESNET_DEPTHS))}",
+    "zero_init_residual": "start each residual block's last batch-norm gamma at 0",
+    "batch_size": "global batch over all replicas (must divide by the replica count)",
+    "train_steps": "total optimizer steps",
+    "optimizer": "only 'sgd' (with momentum)",
+    "momentum": "SGD momentum",
+    "base_learning_rate": "learning rate for a global batch of 256",
+    "lr_schedule": "'step' (decay at boundaries) or 'cosine'",
+    "lr_boundaries": "step-schedule boundaries (in --boundaries-unit), e.g. 30 60 80",
+    "lr_decay_factor": "learning-rate factor at each boundary",
+    "boundaries_unit": "'steps' or 'epochs'",
+    "num_train_images": "training images per epoch; 0 = from manifest.json, else counted",
+    "scale_lr_with_batch": "large-batch recipe: lr = base * batch / 256",
+    "warmup_epochs": "linear warmup from 0 over this many epochs",
+    "weight_decay": "L2 factor on convolution and dense kernels",
+    "label_smoothing": "label smoothing in [0, 1)",
+    "min_crop_area": "smallest random crop as a share of the image (recipe: 0.05)",
+    "random_flip": "random left-right flips (off for classes that are not mirror-invariant)",
+    "mixed_precision": "auto (on with GPUs), off, float16 (loss scaling) or bfloat16",
+    "jit_compile": "XLA for the forward/backward pass: auto (on with GPUs), on, off",
+    "checkpoint_every": "steps between checkpoints (one is always written at the end)",
+    "keep_checkpoints": "how many recent checkpoints to keep",
+    "log_every": "steps between log lines and training summaries",
+    "eval_every": "steps between validation runs on the chief; 0 = only at the end",
+    "data_service": "tf.data service dispatcher host:port: preprocess on its workers",
+    "shuffle_buffer": "records in the shuffle buffer of each input pipeline",
+    "seed": "seed of the per-epoch file order",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--config", metavar="YAML",
+                        help="YAML mapping of any of the settings below (local or gs://)")
+    # Defaults are suppressed so that run() can tell the flags given from those left out.
+    defaults = TrainConfig()
+    for field in dataclasses.fields(TrainConfig):
+        default = getattr(defaults, field.name)
+        help_text = f"{HELP[field.name]} (default: {default!r})"
+        kwargs = {"default": argparse.SUPPRESS, "help": help_text, "dest": field.name}
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, list):
+            kwargs.update(nargs="*", type=type(default[0]), metavar="N")
+        else:
+            kwargs["type"] = type(default)
+        if field.name in ("data_dir", "model_dir"):
+            kwargs["metavar"] = field.name.split("_")[0].upper()
+        parser.add_argument(_flag(field.name), **kwargs)
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < ``--config`` YAML < explicit flags."""
+    values: dict = {}
+    if getattr(args, "config", None):
+        values.update(config_lib.load_yaml(args.config))
+    values.update({name: getattr(args, name) for name in TrainConfig.field_names()
+                   if hasattr(args, name)})
+    return TrainConfig.from_dict(values, source=args.config or "flags").validate()
 
 
 def run(args: argparse.Namespace) -> int:
-    raise UserError("not implemented yet")
+    config = resolve_config(args)
+    for name in ("data_dir", "model_dir"):
+        if not getattr(config, name):
+            raise UserError(f"{_flag(name)} is required (on the command line or in --config)")
+    from resnet_imagenet.training import loop
+
+    try:
+        summary = loop.train(config)
+    except loop.RestartRequired as exc:
+        log.warning("%s (exit status %d: retryable)", exc, loop.RETRYABLE_EXIT_CODE)
+        return loop.RETRYABLE_EXIT_CODE
+    validation = summary.get("validation") or {}
+    line = (f"trained to step {summary['step']}: loss {summary['loss']:.4f}, "
+            f"{summary['images_per_second']:.1f} images/s")
+    if validation:
+        line += f", validation top-1 {validation['top1']:.4f}, top-5 {validation['top5']:.4f}"
+    print(line)
+    return 0

@@ -1,0 +1,1 @@
+"""KFP pipeline definitions (DAGs); the steps themselves are in ``components/``."""

@@ -1,0 +1,78 @@
+"""What the pipeline's KFP artifacts hold: the URI of the real data, plus a few small files.
+
+Shards, checkpoints, logs and SavedModels are written straight to object storage; copying them
+through KFP's artifact store would double the traffic and the bill. A KFP artifact therefore
+carries the URI in its metadata (``uri``), the figures worth seeing in the KFP UI, and small
+files (the dataset manifest, the training config and summary) at its own local ``path``.
+
+Each function takes the artifact's local ``path`` (written here) and returns the metadata for
+the component to attach; the components stay one-liners.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from resnet_imagenet import storage
+from resnet_imagenet.data import inventory
+from resnet_imagenet.errors import UserError
+
+MODEL_FILES = ("config.json", "train_summary.json", "labels.json")
+
+
+def _write_json(path: str, data: dict) -> None:
+    storage.write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def dataset(data_dir: str, path: str) -> dict:
+    """A TFRecord dataset: its inventory as JSON at ``path``; refuses one that is not complete."""
+    info = inventory.inspect(data_dir)
+    if not info["ready"]:
+        raise UserError(f"the TFRecords at {data_dir} are not a complete dataset: {info['reason']}")
+    _write_json(path, info)
+    metadata = {"uri": info["uri"], "source": info["source"]}
+    for split in ("train", "validation"):
+        metadata[f"{split}_shards"] = info[split]["shards"]
+        if info[split]["images"] is not None:
+            metadata[f"{split}_images"] = info[split]["images"]
+    if info["classes"] is not None:
+        metadata["classes"] = info["classes"]
+    return metadata
+
+
+def model(model_dir: str, path: str) -> dict:
+    """A trained model directory: its config, training summary and label map copied to ``path``."""
+    model_dir = storage.normalize(model_dir)
+    os.makedirs(path, exist_ok=True)
+    metadata: dict = {"uri": model_dir}
+    for name in MODEL_FILES:
+        source = storage.join(model_dir, name)
+        if storage.exists(source):
+            storage.copy(source, os.path.join(path, name))
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise UserError(f"{model_dir} holds no config.json: training did not write a model there")
+    with open(config_path) as f:
+        config = json.load(f)
+    for key in ("resnet_size", "image_size", "num_classes", "batch_size", "train_steps"):
+        metadata[key] = config[key]
+    summary_path = os.path.join(path, "train_summary.json")
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            summary = json.load(f)
+        metadata.update({f"final_{k}": v for k, v in summary.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return metadata
+
+
+def saved_model(export_path: str, path: str) -> dict:
+    """An exported SavedModel version directory: a pointer file at ``path``."""
+    metadata = {"uri": storage.normalize(export_path)}
+    _write_json(path, metadata)
+    return metadata
+
+
+def metrics(result: dict) -> dict[str, float]:
+    """The scalar figures of an evaluation result, for a KFP ``Metrics`` artifact."""
+    return {key: float(result[key]) for key in ("top1", "top5", "images") if key in result}

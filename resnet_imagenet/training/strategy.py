@@ -1,0 +1,129 @@
+"""The distribution strategy, chosen from the environment the process runs in.
+
+* ``TF_CONFIG`` naming more than one worker (what the training operator injects into every TFJob
+  pod, and what the local launcher writes): ``MultiWorkerMirroredStrategy``, NCCL all-reduce on
+  GPUs, RING (gRPC) on CPUs. Worker 0 is the chief (or the task of type ``chief``, if the
+  cluster has one).
+* Several local GPUs: ``MirroredStrategy``.
+* Otherwise the default strategy (one device).
+
+``TF_CONFIG`` is parsed and checked here before TensorFlow starts any server, so a malformed one
+is a one-line error rather than a gRPC stack trace or a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+from resnet_imagenet.errors import UserError
+
+log = logging.getLogger(__name__)
+
+WORKER_JOBS = ("chief", "worker")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where this process sits in the training cluster."""
+
+    workers: tuple[str, ...] = field(default_factory=tuple)  # chief first, then workers
+    task_type: str = "worker"
+    task_index: int = 0
+    has_chief_job: bool = False
+
+    @property
+    def num_workers(self) -> int:
+        return max(1, len(self.workers))
+
+    @property
+    def is_multi_worker(self) -> bool:
+        return self.num_workers > 1
+
+    @property
+    def worker_id(self) -> int:
+        """0..num_workers-1, the chief being 0."""
+        if self.task_type == "chief":
+            return 0
+        return self.task_index + (1 if self.has_chief_job else 0)
+
+    @property
+    def is_chief(self) -> bool:
+        return self.worker_id == 0
+
+
+def cluster_from_env(environ=None) -> Cluster:
+    """Parse ``TF_CONFIG``; no variable (or no cluster in it) means a single worker."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get("TF_CONFIG", "").strip()
+    if not raw:
+        return Cluster()
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"TF_CONFIG is not valid JSON ({exc.msg} at character {exc.pos}): "
+                        'expected {"cluster": {"worker": [...]}, "task": {...}}') from None
+    if not isinstance(config, dict):
+        raise UserError("TF_CONFIG must be a JSON object with 'cluster' and 'task'")
+    cluster = config.get("cluster") or {}
+    task = config.get("task") or {}
+    if not isinstance(cluster, dict) or not isinstance(task, dict):
+        raise UserError("TF_CONFIG 'cluster' and 'task' must be JSON objects")
+    if not cluster:
+        return Cluster()
+    other_jobs = sorted(set(cluster) - set(WORKER_JOBS))
+    if other_jobs:
+        raise UserError(
+            f"TF_CONFIG names job(s) {', '.join(other_jobs)}: this trainer runs synchronous "
+            "all-reduce training with 'worker' replicas only (no parameter servers or evaluators)"
+        )
+    chief = list(cluster.get("chief") or [])
+    workers = list(cluster.get("worker") or [])
+    if len(chief) > 1:
+        raise UserError(f"TF_CONFIG names {len(chief)} chiefs; at most one is allowed")
+    if not all(isinstance(a, str) and ":" in a for a in chief + workers):
+        raise UserError("TF_CONFIG cluster addresses must be 'host:port' strings")
+    task_type = task.get("type")
+    task_index = task.get("index")
+    if task_type not in WORKER_JOBS or not isinstance(task_index, int):
+        raise UserError(
+            f"TF_CONFIG task {task!r} is invalid: expected {{\"type\": \"worker\", \"index\": i}}"
+        )
+    members = chief if task_type == "chief" else workers
+    if not 0 <= task_index < len(members):
+        raise UserError(
+            f"TF_CONFIG task index {task_index} is out of range: the cluster has "
+            f"{len(members)} {task_type} address(es)"
+        )
+    return Cluster(workers=tuple(chief + workers), task_type=task_type, task_index=task_index,
+                   has_chief_job=bool(chief))
+
+
+def local_gpus() -> list:
+    import tensorflow as tf
+
+    return tf.config.list_physical_devices("GPU")
+
+
+def make_strategy(cluster: Cluster):
+    """The strategy for this process (see the module docstring). Call before any other TF op:
+    MultiWorkerMirroredStrategy must configure the runtime before it starts."""
+    import tensorflow as tf
+
+    gpus = local_gpus()
+    if cluster.is_multi_worker:
+        implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL if gpus
+                          else tf.distribute.experimental.CommunicationImplementation.RING)
+        log.info("MultiWorkerMirroredStrategy: worker %d of %d (%s), %s all-reduce",
+                 cluster.worker_id, cluster.num_workers, "chief" if cluster.is_chief else "worker",
+                 implementation.name)
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(
+                implementation=implementation))
+    if len(gpus) > 1:
+        log.info("MirroredStrategy over %d local GPUs", len(gpus))
+        return tf.distribute.MirroredStrategy()
+    log.info("single device: %s", "GPU" if gpus else "CPU")
+    return tf.distribute.get_strategy()

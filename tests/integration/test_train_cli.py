@@ -1,0 +1,99 @@
+"""``resnet-imagenet train``: flags for every setting, YAML, precedence, one-line errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from resnet_imagenet.cli import command_parser
+from resnet_imagenet.config import TrainConfig
+from resnet_imagenet.errors import UserError
+from resnet_imagenet.training import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def resolve(argv: list[str]) -> TrainConfig:
+    parser, module = command_parser("train")
+    assert module is cli
+    return cli.resolve_config(parser.parse_args(argv))
+
+
+def test_every_setting_has_a_flag():
+    parser, _ = command_parser("train")
+    flags = {option for action in parser._actions for option in action.option_strings}
+    for name in TrainConfig.field_names():
+        assert "--" + name.replace("_", "-") in flags, name
+
+
+def test_defaults_are_the_recipe():
+    assert resolve([]) == TrainConfig()
+
+
+def test_precedence_defaults_then_yaml_then_flags(tmp_path):
+    yaml_file = tmp_path / "large-batch.yaml"
+    yaml_file.write_text(
+        "resnet-size: 34\n"
+        "batch_size: 1024\n"
+        "lr_boundaries: [30, 60, 80]\n"
+        "boundaries-unit: epochs\n"
+        "warmup_epochs: 5\n"
+        "random_flip: false\n"
+    )
+    config = resolve(["--config", str(yaml_file), "--resnet-size", "18", "--lr-boundaries", "10",
+                      "20", "--label-smoothing", "0.1", "--data-dir", "gs://b/data"])
+    assert config.resnet_size == 18  # flag over YAML
+    assert config.lr_boundaries == [10, 20]  # flag over YAML
+    assert config.batch_size == 1024 and config.boundaries_unit == "epochs"  # YAML
+    assert config.warmup_epochs == 5.0 and config.random_flip is False  # YAML, typed
+    assert config.label_smoothing == 0.1 and config.data_dir == "gs://b/data"  # flags
+    assert config.momentum == 0.9 and config.train_steps == 500_000  # defaults
+
+
+def test_boolean_flags_go_both_ways(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("zero_init_residual: true\n")
+    assert resolve(["--config", str(yaml_file)]).zero_init_residual is True
+    assert resolve(["--config", str(yaml_file), "--no-zero-init-residual"]).zero_init_residual \
+        is False
+    assert resolve(["--no-random-flip"]).random_flip is False
+
+
+@pytest.mark.parametrize("text, match", [
+    ("batch_size: lots\n", "batch_size in .* must be int"),
+    ("learning_rate: 0.1\n", "unknown key\\(s\\) learning_rate"),
+    ("- a list\n", "must hold a mapping"),
+    ("resnet_size: 42\n", "--resnet-size 42 is not a ResNet depth"),
+    ("min_crop_area: 0\n", "--min-crop-area must be in"),
+])
+def test_bad_yaml_is_refused(tmp_path, text, match):
+    yaml_file = tmp_path / "bad.yaml"
+    yaml_file.write_text(text)
+    with pytest.raises(UserError, match=match):
+        resolve(["--config", str(yaml_file)])
+
+
+def run_cli(*args: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "resnet_imagenet", "train", *args], cwd=ROOT,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+
+
+def test_missing_shards_exit_2_with_one_line(tmp_path):
+    result = run_cli("--data-dir", str(tmp_path / "nothing"), "--model-dir",
+                     str(tmp_path / "model"))
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no TFRecord shards match" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "model").exists()
+
+
+def test_required_directories_and_bad_tf_config(tmp_path):
+    result = run_cli()
+    assert result.returncode == 2 and "error: --data-dir is required" in result.stderr
+    result = run_cli("--data-dir", str(tmp_path), "--model-dir", str(tmp_path / "m"),
+                     TF_CONFIG='{"cluster": ')
+    assert result.returncode == 2 and "error: TF_CONFIG is not valid JSON" in result.stderr

@@ -1,0 +1,186 @@
+"""Pipeline parameters: refused in the first step with a message naming the parameter, and
+turned into command lines that the real subcommand parsers accept."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from resnet_imagenet import cli, pipeline_params
+from resnet_imagenet.errors import UserError
+
+REFERENCE = dict(
+    backend="tfjob", workers=4, gpus_per_worker=1, batch_size=256, train_steps=500_000,
+    resnet_size=50, num_classes=1000, image_size=224, num_tasks=16, train_shards=1024, validation_shards=128,
+    timeout_seconds=7 * 24 * 3600,
+    uris={"raw_uri": "gs://b/raw", "tfrecord_uri": "gs://b/tfrecords",
+          "model_uri": "gs://b/model", "export_uri": "gs://b/export"},
+)
+
+
+def refusal(**changes) -> str:
+    with pytest.raises(UserError) as info:
+        pipeline_params.validate(**{**REFERENCE, **changes})
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_the_reference_recipe_is_valid():
+    pipeline_params.validate(**REFERENCE)
+
+
+def test_local_backend_trains_on_cpu_workers_and_local_paths():
+    pipeline_params.validate(**{**REFERENCE, "backend": "local", "workers": 2,
+                                "gpus_per_worker": 0, "batch_size": 64,
+                                "uris": {"tfrecord_uri": "/tmp/t", "model_uri": "/tmp/m"}})
+
+
+@pytest.mark.parametrize("workers", [0, -3])
+def test_workers_below_one(workers):
+    assert refusal(workers=workers) == f"pipeline parameter workers={workers} must be at least 1"
+
+
+def test_batch_not_divisible_by_total_gpus():
+    message = refusal(workers=4, gpus_per_worker=2, batch_size=250)
+    assert message.startswith("pipeline parameter batch_size=250 is not divisible by the 8 GPUs "
+                              "(workers=4 x gpus_per_worker=2)")
+    assert "use e.g. 248" in message
+
+
+def test_batch_not_divisible_by_cpu_workers():
+    message = refusal(backend="local", workers=3, gpus_per_worker=0, batch_size=64,
+                      uris={})
+    assert "not divisible by the 3 CPU workers (gpus_per_worker=0)" in message
+
+
+def test_unknown_backend():
+    assert refusal(backend="kubernetes") == (
+        "pipeline parameter backend='kubernetes' is unknown: use 'tfjob' or 'local'")
+
+
+@pytest.mark.parametrize("changes, expected", [
+    (dict(gpus_per_worker=-1), "gpus_per_worker=-1 must be at least 0"),
+    (dict(resnet_size=51), "resnet_size=51 is not a ResNet depth"),
+    (dict(train_steps=0), "train_steps=0 must be at least 1"),
+    (dict(num_classes=0), "num_classes=0 must be at least 1"),
+    (dict(num_tasks=2000), "num_tasks=2000 is more than the 1152 shards to write"),
+    (dict(workers=2.5), "workers=2.5 must be an integer"),
+    (dict(workers=True), "workers=True must be an integer, not a boolean"),
+])
+def test_other_parameters_are_named(changes, expected):
+    assert expected in refusal(**changes)
+
+
+def test_tfjob_backend_needs_object_storage_for_data_and_model():
+    message = refusal(uris={**REFERENCE["uris"], "model_uri": "/mnt/model"})
+    assert message.startswith("pipeline parameter model_uri='/mnt/model' is a local path")
+
+
+def test_uri_schemes_and_empty_uris():
+    assert "unsupported URI scheme 's3://'" in refusal(
+        uris={**REFERENCE["uris"], "raw_uri": "s3://b/raw"})
+    assert refusal(uris={**REFERENCE["uris"], "export_uri": " "}) == (
+        "pipeline parameter export_uri is empty: give a gs://BUCKET/PATH URI")
+
+
+def test_integral_floats_from_kfp_are_ints():
+    # dsl.ParallelFor items and collected outputs can come back as JSON floats.
+    assert pipeline_params.as_int("task_index", 3.0) == 3
+    assert pipeline_params.task_indices(3.0) == [0, 1, 2]
+    argv = pipeline_params.convert_argv(
+        raw_uri="r", tfrecord_uri="t", train_shards=8.0, validation_shards=2, num_tasks=2.0,
+        task_index=1.0, workers=1, seed=0)
+    assert argv[argv.index("--task-index") + 1] == "1"
+    assert argv[argv.index("--train-shards") + 1] == "8"
+
+
+def parse(argv: list[str]):
+    """Parse ``argv`` with the real parser of its subcommand."""
+    parser, _ = cli.command_parser(argv[0])
+    return parser.parse_args(argv[1:])
+
+
+def test_convert_argv_is_accepted_by_convert():
+    args = parse(pipeline_params.convert_argv(
+        raw_uri="gs://b/raw", tfrecord_uri="gs://b/t", train_shards=1024,
+        validation_shards=128, num_tasks=16, task_index=3, workers=8, seed=5))
+    assert (args.raw_dir, args.output_dir, args.train_shards, args.validation_shards,
+            args.num_tasks, args.task_index, args.workers, args.seed) == (
+        "gs://b/raw", "gs://b/t", 1024, 128, 16, 3, 8, 5)
+    final = parse(pipeline_params.finalize_argv("gs://b/t"))
+    assert final.finalize and final.output_dir == "gs://b/t"
+
+
+def test_launch_argv_is_accepted_by_launch():
+    train = pipeline_params.train_argv(
+        data_uri="gs://b/t", model_uri="gs://b/m", resnet_size=50, num_classes=1000,
+        image_size=224,
+        batch_size=256, train_steps=500_000, checkpoint_every=5000,
+        extra=["--lr-schedule", "cosine"])
+    argv = pipeline_params.launch_argv(
+        backend="tfjob", workers=4, gpus_per_worker=1, evaluator=True,
+        trainer_image="reg/resnet-imagenet-trainer:1.0", namespace="team",
+        run_id="run-123", timeout_seconds=3600,
+        gpu_node_selector={"cloud.google.com/gke-accelerator": "nvidia-tesla-v100"},
+        gpu_tolerations=["dedicated=ml:NoSchedule"], service_account="resnet-imagenet",
+        train=train)
+    args = parse(argv)
+    assert (args.backend, args.workers, args.gpus_per_worker, args.evaluator, args.image,
+            args.namespace, args.run_id, args.timeout, args.service_account) == (
+        "tfjob", 4, 1, True, "reg/resnet-imagenet-trainer:1.0", "team", "run-123", 3600.0,
+        "resnet-imagenet")
+    assert args.node_selector == ["cloud.google.com/gke-accelerator=nvidia-tesla-v100"]
+    assert args.toleration == ["dedicated=ml:NoSchedule"]
+    assert args.train_args == train
+    # The TFJob the launcher would create from these flags: GPUs on the workers only.
+    from resnet_imagenet.launch import cli as launch_cli, tfjob
+
+    job = tfjob.build_tfjob(launch_cli.tfjob_options(args))
+    worker = job["spec"]["tfReplicaSpecs"]["Worker"]
+    assert worker["replicas"] == 4
+    pod = worker["template"]["spec"]
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-tesla-v100"}
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_train_argv_is_accepted_by_train():
+    args = parse(["train", *pipeline_params.train_argv(
+        data_uri="d", model_uri="m", resnet_size=18, num_classes=10, image_size=32,
+        batch_size=64, train_steps=10.0, checkpoint_every=5, extra=["--log-every", "2"])])
+    assert (args.data_dir, args.model_dir, args.resnet_size, args.num_classes, args.image_size,
+            args.batch_size, args.train_steps, args.checkpoint_every, args.log_every) == (
+        "d", "m", 18, 10, 32, 64, 10, 5, 2)
+
+
+def test_local_backend_leaves_out_the_kubernetes_flags():
+    argv = pipeline_params.launch_argv(
+        backend="local", workers=2, gpus_per_worker=0, evaluator=False, trainer_image="img:1",
+        namespace="ns", run_id="", timeout_seconds=0, gpu_node_selector={"a": "b"},
+        gpu_tolerations=["x"], service_account="sa", train=["--data-dir", "d"])
+    assert argv == ["launch", "--backend", "local", "--workers", "2", "--gpus-per-worker", "0",
+                    "--", "--data-dir", "d"]
+    assert parse(argv).train_args == ["--data-dir", "d"]
+
+
+def test_run_raises_when_the_subcommand_fails(tmp_path, capsys):
+    with pytest.raises(RuntimeError, match="'resnet-imagenet convert' exited with status 2"):
+        pipeline_params.run(pipeline_params.finalize_argv(str(tmp_path / "nothing")))
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_bad_parameters_stop_the_pipeline_at_its_first_step(tmp_path, capsys):
+    """The real pipeline, run by kfp.local: nothing after validate-parameters starts."""
+    from kfp import local
+
+    from pipelines.resnet50_imagenet import resnet50_imagenet
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
+    with pytest.raises(RuntimeError, match="Inner task failed: .*validate-parameters"):
+        resnet50_imagenet(raw_uri="gs://b/raw", tfrecord_uri="gs://b/t", model_uri="gs://b/m",
+                          export_uri="gs://b/e", workers=4, gpus_per_worker=1, batch_size=250)
+    out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    assert ("UserError: pipeline parameter batch_size=250 is not divisible by the 4 GPUs "
+            "(workers=4 x gpus_per_worker=1)") in out
+    assert re.findall(r"Executing task '([^']+)'", out) == ["validate-parameters"]
