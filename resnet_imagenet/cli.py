@@ -97,11 +97,6 @@ def command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
 
 
 def _setup_logging(verbose: bool) -> None:
-    # TensorFlow's oneDNN CPU kernels are on by default only on CPUs with AVX-512; on AVX2
-    # machines (laptops, CI runners) they train and serve ResNet several times faster. Read when
-    # TensorFlow is first imported, which happens after this; an explicit
-    # TF_ENABLE_ONEDNN_OPTS=0 still wins. GPU kernels are unaffected.
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     if not verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(

@@ -8,7 +8,6 @@ import os
 # thread pools larger than CI's 2 cores.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as the CLI does (see cli.py)
 
 import pytest  # noqa: E402
 
