@@ -22,3 +22,20 @@ def demo_raw(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("raw") / "raw")
     sample.build(out, seed=0, per_class=20)
     return out
+
+
+@pytest.fixture
+def tf_data_service():
+    """An in-process tf.data service (one dispatcher, one worker) on loopback; yields its address."""
+    import tensorflow as tf
+
+    service = tf.data.experimental.service
+    dispatcher = service.DispatchServer(service.DispatcherConfig(port=0))
+    address = dispatcher.target.split("://")[1]
+    worker = service.WorkerServer(service.WorkerConfig(
+        dispatcher_address=address, worker_address="127.0.0.1:%port%", port=0))
+    try:
+        yield address
+    finally:
+        worker._stop()
+        dispatcher._stop()

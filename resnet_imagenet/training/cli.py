@@ -29,14 +29,6 @@ from resnet_imagenet.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# TensorFlow's oneDNN kernels are on by default only on CPUs with AVX-512 and newer; on AVX2
-# machines (laptops, CI runners) they train ResNet ~3x faster than the default kernels. Read when
-# TensorFlow is first imported, which this command does after its arguments are parsed; an
-# explicit TF_ENABLE_ONEDNN_OPTS=0 still wins. GPU kernels are unaffected. Only `train` sets it:
-# TensorFlow then logs two lines at import that no log level silences, which would break the
-# one-line errors of the other commands.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-
 HELP = {
     "data_dir": "TFRecord directory (train-*/validation-* shards), local or gs://",
     "model_dir": "where checkpoints, logs and config.json go, local or gs://",
@@ -107,6 +99,13 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    # TensorFlow's oneDNN kernels are on by default only on CPUs with AVX-512 and newer; on AVX2
+    # machines (laptops, CI runners) they train ResNet ~3x faster than the default kernels. Read
+    # when TensorFlow is first imported, which happens below; an explicit TF_ENABLE_ONEDNN_OPTS=0
+    # still wins. GPU kernels are unaffected. Only `train` sets it, and only when it runs (not on
+    # import): TensorFlow then logs two lines at import that no log level silences, which would
+    # break the one-line errors of the other commands.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     config = resolve_config(args)
     for name in ("data_dir", "model_dir"):
         if not getattr(config, name):

@@ -173,18 +173,9 @@ def test_a_diverging_loss_stops_training_naming_the_step(data_dir, tmp_path):
                         base_learning_rate=1e30))
 
 
-def test_training_through_a_tf_data_service(data_dir, tmp_path):
-    service = tf.data.experimental.service
-    dispatcher = service.DispatchServer(service.DispatcherConfig(port=0))
-    address = dispatcher.target.split("://")[1]
-    worker = service.WorkerServer(service.WorkerConfig(
-        dispatcher_address=address, worker_address="127.0.0.1:%port%", port=0))
-    try:
-        summary = loop.train(tiny(data_dir, tmp_path / "model", train_steps=2, batch_size=8,
-                                  data_service=address))
-    finally:
-        worker._stop()
-        dispatcher._stop()
+def test_training_through_a_tf_data_service(data_dir, tmp_path, tf_data_service):
+    summary = loop.train(tiny(data_dir, tmp_path / "model", train_steps=2, batch_size=8,
+                              data_service=tf_data_service))
     assert summary["step"] == 2 and np.isfinite(summary["loss"])
 
 

@@ -219,24 +219,15 @@ def test_split_size_reads_the_manifest_or_counts(shards, demo_raw, tmp_path):
     assert pipeline.split_size(bare, "validation") == counts["validation"]["images"]
 
 
-def test_data_service_serves_the_training_stream(shards):
+def test_data_service_serves_the_training_stream(shards, tf_data_service):
     data_dir, _ = shards
-    service = tf.data.experimental.service
-    dispatcher = service.DispatchServer(service.DispatcherConfig(port=0))
-    address = dispatcher.target.split("://")[1]
-    worker = service.WorkerServer(service.WorkerConfig(
-        dispatcher_address=address, worker_address="127.0.0.1:%port%", port=0))
-    try:
-        ds = pipeline.train_dataset(tfrecord.shard_pattern(data_dir, "train"), 8, SIZE,
-                                    data_service=address, shuffle_buffer=16)
-        batches = list(ds.take(3))
-        assert len(batches) == 3
-        for images, labels in batches:
-            assert images.dtype == tf.uint8 and tuple(images.shape) == (8, SIZE, SIZE, 3)
-            assert labels.dtype == tf.int32 and np.all((labels >= 0) & (labels < 10))
-    finally:
-        worker._stop()
-        dispatcher._stop()
+    ds = pipeline.train_dataset(tfrecord.shard_pattern(data_dir, "train"), 8, SIZE,
+                                data_service=tf_data_service, shuffle_buffer=16)
+    batches = list(ds.take(3))
+    assert len(batches) == 3
+    for images, labels in batches:
+        assert images.dtype == tf.uint8 and tuple(images.shape) == (8, SIZE, SIZE, 3)
+        assert labels.dtype == tf.int32 and np.all((labels >= 0) & (labels < 10))
 
 
 def test_bench_input_measures_both_pipelines(shards, capsys):
