@@ -44,7 +44,7 @@ from resnet_imagenet import storage
 from resnet_imagenet.data import labels as labels_lib
 from resnet_imagenet.data import tfrecord
 from resnet_imagenet.errors import UserError
-from resnet_imagenet.training.checkpoints import checkpoint_dir
+from resnet_imagenet.training.checkpoints import checkpoint_dir, object_variable_shapes
 from resnet_imagenet.training.summaries import VALIDATION, log_dir
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,6 @@ DEFAULT_POLL_INTERVAL_S = 30.0
 DEFAULT_TIMEOUT_S = 7200.0
 TOP_K = 5
 STEP_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"
-_OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 _CHECKPOINT_NUMBER_RE = re.compile(r"-(\d+)$")
 
 
@@ -163,7 +162,7 @@ def restore(model, config: config_lib.TrainConfig, path: str) -> Restored:
         reader = tf.train.load_checkpoint(path)
     except (tf.errors.OpError, ValueError) as exc:
         raise UserError(f"cannot read checkpoint {path}: {error_line(exc)}") from None
-    stored = _model_variable_shapes(reader)
+    stored = object_variable_shapes(reader)
     expected = sorted(tuple(v.shape) for v in model.variables)
     if stored != expected:
         raise UserError(
@@ -177,31 +176,6 @@ def restore(model, config: config_lib.TrainConfig, path: str) -> Restored:
         match = _CHECKPOINT_NUMBER_RE.search(path)
         step = int(match.group(1)) if match else 0
     return Restored(checkpoint=path, step=step)
-
-
-def _model_variable_shapes(reader) -> list[tuple]:
-    """Sorted shapes of the variables under the checkpoint's ``model`` object.
-
-    Read from the checkpoint's object graph, not from key prefixes: a variable is stored once,
-    under its shortest path, so the model's trainable weights usually sit under
-    ``optimizer/_trainable_variables/...`` rather than ``model/...``.
-    """
-    from tensorflow.core.protobuf import trackable_object_graph_pb2
-
-    graph = trackable_object_graph_pb2.TrackableObjectGraph()
-    graph.ParseFromString(reader.get_tensor(_OBJECT_GRAPH_KEY))
-    roots = [child.node_id for child in graph.nodes[0].children if child.local_name == "model"]
-    seen, pending, shapes = set(roots), list(roots), []
-    shape_of = reader.get_variable_to_shape_map()
-    while pending:
-        node = graph.nodes[pending.pop()]
-        shapes += [tuple(shape_of[a.checkpoint_key]) for a in node.attributes
-                   if a.name == "VARIABLE_VALUE" and a.checkpoint_key in shape_of]
-        for child in node.children:
-            if child.node_id not in seen:
-                seen.add(child.node_id)
-                pending.append(child.node_id)
-    return sorted(shapes)
 
 
 _TF_ERROR_NOISE = ("Graph execution error", "Detected at node", "<stack traces", "File ", "[[")

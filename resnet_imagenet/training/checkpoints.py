@@ -61,16 +61,21 @@ class CheckpointWriter:
 
 
 def saved_model_shapes(path: str, name: str = "model") -> list[tuple]:
-    """Shapes of the variables under the checkpoint's ``name`` object, sorted.
+    """Shapes of the variables under the checkpoint's ``name`` object, sorted."""
+    import tensorflow as tf
+
+    return object_variable_shapes(tf.train.load_checkpoint(path), name)
+
+
+def object_variable_shapes(reader, name: str = "model") -> list[tuple]:
+    """Like :func:`saved_model_shapes`, from an open ``tf.train.load_checkpoint`` reader.
 
     Read from the checkpoint's object graph: a variable is stored once under whichever path
     reached it first (a model's kernels usually under ``optimizer/``), so key prefixes do not
     tell which variables belong to the model; the graph does.
     """
-    import tensorflow as tf
     from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-    reader = tf.train.load_checkpoint(path)
     graph = trackable_object_graph_pb2.TrackableObjectGraph()
     graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
     roots = [c.node_id for c in graph.nodes[0].children if c.local_name == name]
@@ -83,7 +88,7 @@ def saved_model_shapes(path: str, name: str = "model") -> list[tuple]:
                 seen.add(child.node_id)
                 stack.append(child.node_id)
     shapes = reader.get_variable_to_shape_map()
-    return sorted(tuple(shapes[key]) for key in keys)
+    return sorted(tuple(shapes[key]) for key in keys if key in shapes)
 
 
 def restore(checkpoint, model, path: str, what: str) -> None:
