@@ -113,5 +113,8 @@ build_one() {
 }
 
 if [ "${1:-}" = "--print-dir" ]; then shift; for n in "$@"; do dir_of "$n"; done; exit 0; fi
+mkdir -p "$CACHE"
+exec 9>"$CACHE/build.lock"   # one build at a time per machine: a second caller waits, then finds it built
+flock 9
 [ $# -gt 0 ] || set -- kubernetes etcd kwok training-operator jobset trainer
 for n in "$@"; do build_one "$n"; done
