@@ -47,8 +47,8 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from resnet_imagenet import storage
-from resnet_imagenet.data import image_check, imagenet
+from resnet_imagenet import fs
+from resnet_imagenet.data import archives, image_check, imagenet
 from resnet_imagenet.data.imagenet import RawDataset, RawFile
 from resnet_imagenet.data.records import RecordWriter, example_parts
 from resnet_imagenet.data.tfrecord import DEFAULT_SHARDS, ImageRecord, parse_shard_name, shard_name
@@ -176,18 +176,21 @@ class ShardResult:
 
 
 def _state_uri(out_dir: str, name: str) -> str:
-    return storage.join(out_dir, STATE_DIR, name)
+    return fs.join(out_dir, STATE_DIR, name)
 
 
 def _read_ahead(ctx: ShardContext, files: tuple[RawFile, ...]):
     """Yield (file, image bytes, box XML bytes or None) in order, ``read_threads`` reads ahead.
 
     Local reads are quick and done inline; on GCS each read waits tens of milliseconds, so a
-    small thread pool keeps several in flight (gfile releases the GIL while it waits).
+    small thread pool keeps several in flight (the HTTP client releases the GIL while it waits).
     """
     def read(raw: RawFile):
-        data = storage.read_bytes(storage.join(ctx.raw_dir, *raw.rel.split("/")))
-        xml = (storage.read_bytes(storage.join(ctx.raw_dir, *raw.boxes_rel.split("/")))
+        if raw.member is not None:  # in one of the official archives: its bytes only
+            archive, offset, size = raw.member
+            return raw, fs.read_range(fs.join(ctx.raw_dir, archive), offset, size), None
+        data = fs.read_bytes(fs.join(ctx.raw_dir, *raw.rel.split("/")))
+        xml = (fs.read_bytes(fs.join(ctx.raw_dir, *raw.boxes_rel.split("/")))
                if raw.boxes_rel else None)
         return raw, data, xml
 
@@ -205,6 +208,8 @@ def _read_ahead(ctx: ShardContext, files: tuple[RawFile, ...]):
 
 
 def _boxes(raw: RawFile, xml: bytes | None) -> list:
+    if raw.boxes is not None:  # read from the bounding-box archive while indexing
+        return list(raw.boxes)
     if xml is None:
         return []
     try:
@@ -217,8 +222,7 @@ def _boxes(raw: RawFile, xml: bytes | None) -> list:
 def write_shard(ctx: ShardContext, shard: Shard) -> ShardResult:
     """Write one shard (atomically), then its record in OUT/_shards/."""
     skipped = []
-    with storage.atomic_write(storage.join(ctx.out_dir, shard.name), "wb") as f:
-        f.write(b"")  # gfile creates the file on the first write: a shard may get no records
+    with fs.atomic_write(fs.join(ctx.out_dir, shard.name), "wb") as f:
         writer = RecordWriter(f)
         for raw, data, xml in _read_ahead(ctx, shard.files):
             try:
@@ -235,7 +239,7 @@ def write_shard(ctx: ShardContext, shard: Shard) -> ShardResult:
             )))
     record = {"shard": shard.name, "fingerprint": ctx.fingerprint, "images": writer.records,
               "skipped": skipped}
-    storage.write_text(_state_uri(ctx.out_dir, shard.name + ".json"),
+    fs.write_text(_state_uri(ctx.out_dir, shard.name + ".json"),
                        json.dumps(record, indent=1, sort_keys=True) + "\n")
     return ShardResult(shard.name, writer.records, tuple(skipped))
 
@@ -251,10 +255,11 @@ def _init_worker(ctx: ShardContext, log_level: int) -> None:
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
                         datefmt="%H:%M:%S")
-    import tensorflow as tf  # behind gfile anyway; one process per core: no TF pools on top
+    if ctx.validate == "decode":  # the one mode that loads TensorFlow (to decode every image)
+        import tensorflow as tf  # one process per core: no TF pools on top
 
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
 def _in_worker(task, shard: Shard):
@@ -265,8 +270,9 @@ def _in_worker(task, shard: Shard):
 def _shard_runner(ctx: ShardContext, workers: int):
     """Yield ``run(task, shards)`` -> iterator of ``task(ctx, shard)`` results, in any order.
 
-    One worker runs inline; more use a process pool with the spawn start method, because
-    TensorFlow (behind gfile) is not fork-safe. Each process writes whole shards.
+    One worker runs inline; more use a process pool with the spawn start method: the parent
+    may hold GCS connections and threads, which a forked child must not share. Each process
+    writes whole shards.
     """
     if workers <= 1:
         yield lambda task, shards: (task(ctx, shard) for shard in shards)
@@ -279,6 +285,33 @@ def _shard_runner(ctx: ShardContext, workers: int):
     finally:
         pool.terminate()  # also on errors and Ctrl-C: unfinished shards stay temporary files
         pool.join()
+
+
+def _index_unit(ctx: ShardContext, unit: archives.Unit) -> dict:
+    return archives.index_unit(unit)
+
+
+def load_input(raw_dir: str, out_dir: str, workers: int = 1, num_tasks: int = 1,
+               task_index: int = 0) -> RawDataset:
+    """The listing of RAW: the official archives when it holds them, else the extracted layout.
+
+    Archives are indexed first (see :mod:`resnet_imagenet.data.archives`) by ``workers``
+    processes, this task's share of the units first; the indexes go to OUT/_shards/archives/.
+    """
+    raw_dir = fs.normalize(raw_dir)
+    if not archives.detect(raw_dir):
+        return imagenet.load(raw_dir)
+    log.info("%s holds the ILSVRC2012 archives: reading them without extracting", raw_dir)
+
+    def run(units: list) -> list[dict]:
+        if not units:
+            return []
+        ctx = ShardContext(raw_dir, out_dir, "", {})
+        with _shard_runner(ctx, min(workers, len(units))) as run_units:
+            return list(run_units(_index_unit, units))
+
+    return archives.load(raw_dir, fs.join(out_dir, STATE_DIR, archives.CACHE_DIR), run,
+                         num_tasks, task_index)
 
 
 # ------------------------------------------------------------------------- progress output
@@ -321,17 +354,17 @@ class _Progress:
 
 
 def _read_json(uri: str) -> dict | None:
-    if not storage.exists(uri):
+    if not fs.exists(uri):
         return None
     try:
-        return json.loads(storage.read_text(uri))
+        return json.loads(fs.read_text(uri))
     except ValueError:
         return None  # cut short by a crash on a filesystem without atomic rename: not complete
 
 
 def _read_records(out_dir: str, names: list[str]) -> dict[str, dict]:
     """The per-shard records that exist for ``names`` (read in parallel: many on GCS)."""
-    present = set(storage.listdir(storage.join(out_dir, STATE_DIR)))
+    present = set(fs.listdir(fs.join(out_dir, STATE_DIR)))
     wanted = [n for n in names if n + ".json" in present]
     with ThreadPoolExecutor(STATE_THREADS) as pool:
         found = pool.map(lambda n: _read_json(_state_uri(out_dir, n + ".json")), wanted)
@@ -362,8 +395,8 @@ def _conflict(plan: Plan, names: set[str], config: dict | None) -> str | None:
 
 
 def _temp_target(name: str) -> str | None:
-    """The final name of a temporary file from storage.temp_name (``.tmp-<hex>-<name>``)."""
-    if not storage.is_temp(name):
+    """The final name of a temporary file from fs.temp_name (``.tmp-<hex>-<name>``)."""
+    if not fs.is_temp(name):
         return None
     parts = name.split("-", 2)
     return parts[2] if len(parts) == 3 else None
@@ -371,12 +404,12 @@ def _temp_target(name: str) -> str | None:
 
 def _remove_temps(out_dir: str, shard_names: set[str]) -> None:
     """Delete leftovers of killed writers of these shards (and of their records)."""
-    for directory, suffix in ((out_dir, ""), (storage.join(out_dir, STATE_DIR), ".json")):
-        for name in storage.listdir(directory):
+    for directory, suffix in ((out_dir, ""), (fs.join(out_dir, STATE_DIR), ".json")):
+        for name in fs.listdir(directory):
             target = _temp_target(name)
             if target is not None and target.endswith(suffix) and \
                     target[:len(target) - len(suffix)] in shard_names:
-                storage.remove(storage.join(directory, name))
+                fs.remove(fs.join(directory, name))
 
 
 def _remove_stale(out_dir: str, plan: Plan, names: set[str]) -> None:
@@ -389,12 +422,12 @@ def _remove_stale(out_dir: str, plan: Plan, names: set[str]) -> None:
     planned = set(_planned_names(plan.config))
     for name in sorted(names):
         if (parse_shard_name(name) and name not in planned) or name in (MANIFEST_FILE, LABELS_FILE):
-            storage.remove(storage.join(out_dir, name))
-    state_dir = storage.join(out_dir, STATE_DIR)
-    for name in storage.listdir(state_dir):
+            fs.remove(fs.join(out_dir, name))
+    state_dir = fs.join(out_dir, STATE_DIR)
+    for name in fs.listdir(state_dir):
         stem = name[:-len(".json")] if name.endswith(".json") else None
         if stem is not None and parse_shard_name(stem) and stem not in planned:
-            storage.remove(storage.join(state_dir, name))
+            fs.remove(fs.join(state_dir, name))
 
 
 # ------------------------------------------------------------------------------- finalizing
@@ -416,7 +449,7 @@ def finalize(out_dir: str) -> dict:
     :class:`Incomplete` while shards are missing. Deterministic: rerunning writes the same
     bytes, so several tasks may finalize.
     """
-    out_dir = storage.normalize(out_dir)
+    out_dir = fs.normalize(out_dir)
     config = _read_json(_state_uri(out_dir, CONFIG_FILE))
     if config is None:
         raise UserError(f"{out_dir} holds no conversion to finalize "
@@ -424,8 +457,8 @@ def finalize(out_dir: str) -> dict:
     names = _planned_names(config)
     # Listings first: while other tasks are still at work this costs two requests, not one
     # read per shard record.
-    present = set(storage.listdir(out_dir))
-    present_records = set(storage.listdir(storage.join(out_dir, STATE_DIR)))
+    present = set(fs.listdir(out_dir))
+    present_records = set(fs.listdir(fs.join(out_dir, STATE_DIR)))
     missing = [n for n in names if n not in present or n + ".json" not in present_records]
     if not missing:
         records = _read_records(out_dir, names)
@@ -443,10 +476,10 @@ def finalize(out_dir: str) -> dict:
                            "images": sum(records[n]["images"] for n in split_names)}
     manifest["skipped"] = sorted((s for n in names for s in records[n]["skipped"]),
                                  key=lambda s: s["file"])
-    storage.write_text(storage.join(out_dir, LABELS_FILE), "".join(
+    fs.write_text(fs.join(out_dir, LABELS_FILE), "".join(
         f"{wnid}\n" for wnid in config["synsets"]))
     # The manifest goes last: its presence means the whole output is there.
-    storage.write_text(storage.join(out_dir, MANIFEST_FILE),
+    fs.write_text(fs.join(out_dir, MANIFEST_FILE),
                        json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 
@@ -474,7 +507,7 @@ def default_workers() -> int:
     """CPUs this process may use: its CPU affinity, capped by a cgroup v2 CPU limit (a pod's).
 
     A pod sees every CPU of its node; without the cap a 4-CPU pod on a 64-core node would start
-    64 workers, each with TensorFlow loaded.
+    64 worker processes.
     """
     try:
         cpus = len(os.sched_getaffinity(0))
@@ -503,10 +536,10 @@ def convert(raw_dir: str, output_dir: str, *, train_shards: int = DEFAULT_SHARDS
     workers = default_workers() if workers is None else workers
     _check_arguments(train_shards, validation_shards, workers, num_tasks, task_index, validate,
                      read_threads)
-    out_dir = storage.normalize(output_dir)
-    if storage.exists(out_dir) and not storage.isdir(out_dir):
+    out_dir = fs.normalize(output_dir)
+    if fs.exists(out_dir) and not fs.isdir(out_dir):
         raise UserError(f"--output-dir {out_dir} is a file: choose a directory")
-    dataset = imagenet.load(raw_dir)
+    dataset = load_input(raw_dir, out_dir, workers, num_tasks, task_index)
     plan = make_plan(dataset, train_shards, validation_shards, seed, validate)
     for split, files, count in (("train", dataset.train, train_shards),
                                 ("validation", dataset.validation, validation_shards)):
@@ -514,7 +547,7 @@ def convert(raw_dir: str, output_dir: str, *, train_shards: int = DEFAULT_SHARDS
             log.warning("%d %s shards for %d images: some shards will be empty",
                         count, split, len(files))
 
-    names = set(storage.listdir(out_dir))
+    names = set(fs.listdir(out_dir))
     state_config = _read_json(_state_uri(out_dir, CONFIG_FILE))
     conflict = _conflict(plan, names, state_config)
     if conflict and not overwrite:
@@ -525,7 +558,7 @@ def convert(raw_dir: str, output_dir: str, *, train_shards: int = DEFAULT_SHARDS
         log.warning("%s holds %s: rebuilding (--overwrite)", out_dir, conflict)
         _remove_stale(out_dir, plan, names)
     if state_config != plan.config:
-        storage.write_text(_state_uri(out_dir, CONFIG_FILE),
+        fs.write_text(_state_uri(out_dir, CONFIG_FILE),
                            json.dumps(plan.config, indent=1, sort_keys=True) + "\n")
 
     owned = plan.owned(num_tasks, task_index)
@@ -539,7 +572,7 @@ def convert(raw_dir: str, output_dir: str, *, train_shards: int = DEFAULT_SHARDS
              min(workers, max(len(todo), 1)))
 
     if read_threads is None:
-        read_threads = REMOTE_READ_THREADS if storage.is_remote(dataset.raw_dir) else 1
+        read_threads = REMOTE_READ_THREADS if fs.is_remote(dataset.raw_dir) else 1
     ctx = ShardContext(dataset.raw_dir, out_dir, plan.fingerprint, dataset.texts, validate,
                        read_threads)
     results: list[ShardResult] = []
@@ -672,15 +705,15 @@ def write_synthetic_raw(raw_dir: str, images: int = BENCH_IMAGES, classes: int =
         if n % 10 == 9:  # 10% validation
             labels.append(wnid)
             name = f"ILSVRC2012_val_{len(labels):08d}.JPEG"
-            storage.write_bytes(storage.join(raw_dir, imagenet.VALIDATION_DIR, name),
+            fs.write_bytes(fs.join(raw_dir, imagenet.VALIDATION_DIR, name),
                                 buf.getvalue())
         else:
             name = f"{wnid}_{n}"
-            storage.write_bytes(storage.join(raw_dir, imagenet.TRAIN_DIR, wnid, name + ".JPEG"),
+            fs.write_bytes(fs.join(raw_dir, imagenet.TRAIN_DIR, wnid, name + ".JPEG"),
                                 buf.getvalue())
-            storage.write_text(storage.join(raw_dir, imagenet.BOXES_DIR, wnid, name + ".xml"),
+            fs.write_text(fs.join(raw_dir, imagenet.BOXES_DIR, wnid, name + ".xml"),
                                bbox_xml(name, wnid, width, height, box))
-    storage.write_text(storage.join(raw_dir, imagenet.VALIDATION_LABELS), "\n".join(labels) + "\n")
+    fs.write_text(fs.join(raw_dir, imagenet.VALIDATION_LABELS), "\n".join(labels) + "\n")
 
 
 def baseline_shard(ctx: ShardContext, shard: Shard) -> ShardResult:
@@ -694,7 +727,7 @@ def baseline_shard(ctx: ShardContext, shard: Shard) -> ShardResult:
     from resnet_imagenet.data.tfrecord import encode_example
 
     images, skipped = 0, []
-    with storage.atomic_path(storage.join(ctx.out_dir, shard.name)) as tmp, \
+    with fs.atomic_path(fs.join(ctx.out_dir, shard.name)) as tmp, \
             tf.io.TFRecordWriter(tmp) as writer:
         for raw, data, xml in _read_ahead(ctx, shard.files):
             try:
@@ -711,8 +744,8 @@ def baseline_shard(ctx: ShardContext, shard: Shard) -> ShardResult:
 
 
 def _warm_up(ctx: ShardContext, shard: Shard) -> ShardResult:
-    """Make a worker import TensorFlow and touch gfile before the clock starts."""
-    storage.exists(ctx.out_dir)
+    """Make a worker import the converter and touch the output before the clock starts."""
+    fs.exists(ctx.out_dir)
     time.sleep(0.2)  # long enough that every worker of the pool takes one
     return ShardResult(shard.name, 0, ())
 
@@ -734,25 +767,25 @@ def bench(raw_dir: str | None = None, workers: int = 1, limit: int | None = None
     scratch = tempfile.mkdtemp(prefix="convert-bench-")
     try:
         if raw_dir is None:
-            raw_dir = storage.join(scratch, "raw")
+            raw_dir = fs.join(scratch, "raw")
             write_synthetic_raw(raw_dir, limit or BENCH_IMAGES)
         dataset = imagenet.load(raw_dir)
         files = (dataset.train + dataset.validation)[:limit]
         # Few, large shards as in real runs (1,250 images each), where per-shard costs vanish.
         shards = spread(files, "train", max(1, min(len(files), 2 * workers)), seed=0)
         for raw in files:
-            storage.read_bytes(dataset.uri(raw.rel))
-        mean_bytes = sum(storage.size(dataset.uri(r.rel)) for r in files) / max(len(files), 1)
+            fs.read_bytes(dataset.uri(raw.rel))
+        mean_bytes = sum(fs.size(dataset.uri(r.rel)) for r in files) / max(len(files), 1)
         figures = {"images": len(files), "workers": workers, "mean_file_kb": mean_bytes / 1e3}
-        ctx = ShardContext(dataset.raw_dir, storage.join(scratch, "out"), "bench",
+        ctx = ShardContext(dataset.raw_dir, fs.join(scratch, "out"), "bench",
                            dataset.texts, "header",
-                           REMOTE_READ_THREADS if storage.is_remote(dataset.raw_dir) else 1)
+                           REMOTE_READ_THREADS if fs.is_remote(dataset.raw_dir) else 1)
         rates: dict[str, list[float]] = {"baseline": [], "converter": []}
         with _shard_runner(ctx, workers) as run_shards:
             list(run_shards(_warm_up, shards[:workers]))
             for _ in range(rounds):
                 for label, task in (("baseline", baseline_shard), ("converter", write_shard)):
-                    storage.rmtree(ctx.out_dir)  # replacing old files costs more than writing new
+                    fs.rmtree(ctx.out_dir)  # replacing old files costs more than writing new
                     start = time.perf_counter()
                     done = sum(r.images + len(r.skipped) for r in run_shards(task, shards))
                     rates[label].append(done / (time.perf_counter() - start))
@@ -763,7 +796,7 @@ def bench(raw_dir: str | None = None, workers: int = 1, limit: int | None = None
         figures["ratio"] = statistics.median(
             c / b for b, c in zip(rates["baseline"], rates["converter"]))
     finally:
-        storage.rmtree(scratch)
+        fs.rmtree(scratch)
     print(f"convert benchmark: {figures['images']} images (mean {figures['mean_file_kb']:.0f} kB), "
           f"{workers} worker(s)")
     for label, what in (("baseline", "reference algorithm (full TF decode)"),
