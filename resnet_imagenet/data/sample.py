@@ -200,12 +200,16 @@ def meta_mat(classes: list[tuple[int, str, str]], seed: int = 0) -> bytes:
 def to_archives(files: dict[str, bytes], seed: int = 0) -> dict[str, bytes]:
     """The four official ILSVRC2012 archives holding the extracted layout ``files``.
 
+    ``files`` maps paths under RAW to bytes (``train/``, ``validation/``, ``bounding_boxes/``,
+    ``validation_labels.txt``, ``metadata.txt``, optionally ``synsets.txt``).
+
     The devkit numbers the classes in an order of its own (ILSVRC2012_ID, shuffled with
     ``seed``), as the real one does, so a reader that confused IDs with labels would fail.
     """
     from resnet_imagenet.data import archives
 
-    synsets = files["synsets.txt"].decode().split()
+    synsets = (files["synsets.txt"].decode().split() if "synsets.txt" in files else
+               sorted({n.split("/")[1] for n in files if n.startswith("train/")}))
     texts = dict(line.split("\t", 1) for line in files["metadata.txt"].decode().splitlines())
     rng = np.random.default_rng(seed + 1)
     numbers = {w: int(n) + 1 for w, n in zip(synsets, rng.permutation(len(synsets)))}
