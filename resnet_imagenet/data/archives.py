@@ -99,8 +99,8 @@ class Unit:
     @property
     def where(self) -> str:
         if self.name.startswith("train-"):
-            return f"{self.archive} member {self.name[len('train-'):]}.tar"
-        return self.archive
+            return f"{self.uri} member {self.name[len('train-'):]}.tar"
+        return self.uri
 
 
 # --------------------------------------------------------------------------------- detection
@@ -241,7 +241,7 @@ def parse_meta(data: bytes, where: str) -> tuple[dict[str, str], dict[int, str]]
 
 def read_devkit(raw_dir: str) -> Devkit:
     uri = fs.join(raw_dir, DEVKIT)
-    files = dict(_stream_members(uri, DEVKIT))
+    files = dict(_stream_members(uri, uri))
     year = _other_year(files)
     if year:
         raise BadArchive(f"{uri} is the devkit of ILSVRC{year} (e.g. {sorted(files)[0]}), not "
@@ -294,7 +294,7 @@ def _train_classes(raw_dir: str, key: str, cache_dir: str) -> list[tuple[str, in
     length = int(key.split(":")[1])
     buffer = HOP_BUFFER if fs.is_remote(uri) else LOCAL_HOP_BUFFER
     with fs.open_range(uri, 0, length, buffer_size=buffer) as reader:
-        members = list_tar(reader, length, TRAIN)
+        members = list_tar(reader, length, uri)
     classes = []
     for name, offset, size in members:
         match = _CLASS_TAR.match(posixpath.basename(name))
@@ -339,7 +339,7 @@ def index_unit(unit: Unit) -> dict:
 
 def _index_boxes(unit: Unit) -> dict[str, dict[str, list | None]]:
     boxes: dict[str, dict[str, list | None]] = {}
-    for name, data in _stream_members(unit.uri, unit.archive):
+    for name, data in _stream_members(unit.uri, unit.uri):
         parts = name.split("/")
         if len(parts) < 2 or not parts[-1].endswith(".xml"):
             continue
