@@ -1,4 +1,5 @@
-"""First step: refuse bad pipeline parameters before any data is converted or GPU requested."""
+"""First step: refuse bad pipeline parameters and unreachable gs:// URIs (pre-flight) before any
+data is converted or GPU requested."""
 
 from typing import List
 
@@ -25,7 +26,7 @@ def validate_parameters(
     export_uri: str,
 ) -> List[int]:
     """Check the run's parameters; return the conversion task indices for the ParallelFor."""
-    from resnet_imagenet import pipeline_params
+    from resnet_imagenet import pipeline_params, preflight
 
     pipeline_params.validate(
         backend=backend, workers=workers, gpus_per_worker=gpus_per_worker,
@@ -36,4 +37,7 @@ def validate_parameters(
         uris={"raw_uri": raw_uri, "tfrecord_uri": tfrecord_uri, "model_uri": model_uri,
               "export_uri": export_uri},
     )
+    for line in preflight.check_pipeline(raw_uri=raw_uri, tfrecord_uri=tfrecord_uri,
+                                         model_uri=model_uri, export_uri=export_uri):
+        print(f"pre-flight: {line}")
     return pipeline_params.task_indices(num_tasks)

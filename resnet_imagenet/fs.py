@@ -88,6 +88,11 @@ def client():
         return _clients[pid]
 
 
+def reset() -> None:
+    """Forget this process's client (for tests that point STORAGE_EMULATOR_HOST elsewhere)."""
+    _clients.pop(os.getpid(), None)
+
+
 def _split(uri: str) -> tuple[str, str]:
     """``gs://bucket/a/b`` -> ("bucket", "a/b")."""
     bucket, _, key = normalize(uri)[len("gs://"):].partition("/")
