@@ -408,11 +408,25 @@ def units_of(raw_dir: str, cache_dir: str) -> tuple[list[Unit], dict[str, str]]:
     return units, keys
 
 
+def _devkit(raw_dir: str, cache_dir: str) -> Devkit:
+    """:func:`read_devkit`, kept in the cache: a rerun needs neither the archive nor scipy."""
+    unit = Unit("devkit", raw_dir, DEVKIT, 0, 0, _key(raw_dir, DEVKIT), cache_dir)
+    cached = _read_cache(unit)
+    if cached is not None:
+        return Devkit(cached["classes"], {int(k): v for k, v in cached["wnid_of_id"].items()},
+                      tuple(cached["ground_truth"]))
+    devkit = read_devkit(raw_dir)
+    fs.write_text(unit.cache_uri, json.dumps(
+        {"unit": unit.name, "key": unit.key, "classes": devkit.classes,
+         "wnid_of_id": devkit.wnid_of_id, "ground_truth": devkit.ground_truth}) + "\n")
+    return devkit
+
+
 def load(raw_dir: str, cache_dir: str, run: RunUnits = _inline, num_tasks: int = 1,
          task_index: int = 0) -> RawDataset:
     """The dataset the archives in ``raw_dir`` hold, as the extracted layout would give it."""
     raw_dir = fs.normalize(raw_dir)
-    devkit = read_devkit(raw_dir)
+    devkit = _devkit(raw_dir, cache_dir)
     units, _ = units_of(raw_dir, cache_dir)
     synsets = sorted(u.name[len("train-"):] for u in units if u.name.startswith("train-"))
     unknown = [w for w in synsets if w not in devkit.classes]
