@@ -11,7 +11,8 @@ processes with TF_CONFIG, exactly the contract of a TFJob. The steps' Kubernetes
 
 Layout of WORKDIR (default ./demo):
 
-    raw/                 demo dataset in the raw ImageNet layout (made once)
+    raw/                 demo dataset in the raw ImageNet layout, or (--archives) as the four
+                         official archives (made once; convert reads either)
     tfrecords/           TFRecord shards + manifest.json (converted once, then reused)
     runs/<run id>/model  checkpoints and TensorBoard logs of one run
     runs/<run id>/saved_model/1
@@ -107,6 +108,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the data, models and KFP outputs go (default ./demo)")
     parser.add_argument("--workers", type=int, default=2,
                         help="training worker processes, each with TF_CONFIG (default 2)")
+    parser.add_argument("--archives", action="store_true",
+                        help="build the demo data as the four official ILSVRC2012 archives "
+                        "(read without extracting) instead of the extracted layout; has no "
+                        "effect once WORKDIR/raw exists, which may hold either")
     parser.add_argument("--per-class", type=int, default=None, metavar="N",
                         help="demo images per class when the raw data is built (default: all "
                         "1,797); has no effect once WORKDIR/raw exists")
@@ -203,8 +208,15 @@ class PipelineFailed(Exception):
     """A step of the local pipeline failed (its own log says why)."""
 
 
-def _validation_samples(raw_dir: str, count: int) -> list[tuple[str, str]]:
-    """The first ``count`` validation images of the raw layout with their true synsets."""
+def _validation_samples(raw_dir: str, count: int, scratch: str) -> list[tuple[str, str]]:
+    """The first ``count`` validation images of the raw data with their true synsets.
+
+    From the official archives they are copied out of the validation tar into ``scratch``.
+    """
+    from resnet_imagenet.data import archives
+
+    if archives.detect(raw_dir):
+        return archives.validation_samples(raw_dir, count, scratch)
     # ILSVRC2012_val_<n>.JPEG: line n of validation_labels.txt is its synset.
     names = sorted(n for n in storage.listdir(storage.join(raw_dir, "validation"))
                    if _VALIDATION_NAME.match(n))[:count]
@@ -285,14 +297,15 @@ def run(args: argparse.Namespace) -> int:
         from resnet_imagenet.data import sample
 
         with clock.measure("sample-data"):
-            sample.build(params["raw_uri"], per_class=args.per_class)
+            sample.build(params["raw_uri"], per_class=args.per_class,
+                         as_archives=args.archives)
     try:
         outputs = _run_pipeline(params, pipeline_root, clock)
         predictions = []
         if args.predict:
             with clock.measure("predict"):
-                predictions = _predict(outputs["saved_model_uri"],
-                                       _validation_samples(params["raw_uri"], args.predict))
+                predictions = _predict(outputs["saved_model_uri"], _validation_samples(
+                    params["raw_uri"], args.predict, storage.join(run_dir, "samples")))
     except PipelineFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

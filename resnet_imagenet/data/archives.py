@@ -34,6 +34,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import posixpath
 import re
 import tarfile
@@ -489,3 +490,25 @@ def load(raw_dir: str, cache_dir: str, run: RunUnits = _inline, num_tasks: int =
     return RawDataset(raw_dir=raw_dir, synsets=tuple(synsets),
                       texts={w: devkit.classes[w] for w in synsets},
                       train=tuple(train), validation=tuple(validation))
+
+
+def validation_samples(raw_dir: str, count: int, out_dir: str) -> list[tuple[str, str]]:
+    """Copy the first ``count`` validation images (by number) out of the validation archive
+    into the local directory ``out_dir``; returns ``[(path, true wnid), ...]`` (run-local's
+    predictions). Reads the archive's first members only."""
+    devkit = read_devkit(raw_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    found = []
+    with fs.open_range(fs.join(raw_dir, VALIDATION), buffer_size=1024 * 1024) as reader, \
+            tarfile.open(fileobj=reader, mode="r|") as tar:
+        for info in tar:
+            match = VALIDATION_NAME.match(posixpath.basename(info.name))
+            if not info.isreg() or not match:
+                continue
+            path = os.path.join(out_dir, match.group(0))
+            with open(path, "wb") as f:
+                f.write(tar.extractfile(info).read())
+            found.append((path, devkit.wnid_of_id[devkit.ground_truth[int(match.group(1)) - 1]]))
+            if len(found) == count:
+                break
+    return found

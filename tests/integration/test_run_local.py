@@ -113,3 +113,23 @@ def test_bad_flags_fail_before_anything_starts(tmp_path):
         "(gpus_per_worker=0): every replica needs the same share of the global batch, "
         "use e.g. 14")
     assert not (tmp_path / "w").exists()
+
+
+def test_the_pipeline_runs_from_the_official_archives(tmp_path):
+    """run-local --archives: the demo data as the four ILSVRC2012 archives, which the
+    pipeline's convert tasks read without extracting; predictions come out of the val tar."""
+    workdir = tmp_path / "demo"
+    result = run_local(workdir, "--archives", "--train-steps", "2", "--predict", "2")
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    steps = step_times(result.stdout)
+    assert {"sample-data", "convert-shards", "finalize-dataset", "predict"} <= set(steps)
+    assert set(steps.values()) == {"SUCCESS"}
+    assert sorted(os.listdir(workdir / "raw")) == sorted([
+        "ILSVRC2012_bbox_train_v2.tar.gz", "ILSVRC2012_devkit_t12.tar.gz",
+        "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"])
+    manifest = json.loads((workdir / "tfrecords" / "manifest.json").read_text())
+    assert (manifest["train"]["images"], manifest["validation"]["images"]) == (80, 20)
+    assert manifest["class_text"]["n00000003"] == "digit three"  # from the devkit's meta.mat
+    predictions = re.findall(r"^\s{4}ILSVRC2012_val_\d{8}\.JPEG: (n\d{8}) .* \((ok|wrong, "
+                             r"true n\d{8})\)$", result.stdout, re.M)
+    assert len(predictions) == 2

@@ -241,3 +241,14 @@ def test_a_bad_archive_keeps_the_complete_shards(demo_archives, archives_out, tm
     assert "ILSVRC2012_img_val.tar is truncated" in capsys.readouterr().err
     after = tree(out)
     assert without_index(after) == without_index(before)  # the five complete shards are kept
+
+
+def test_validation_samples_come_out_of_the_archive_with_their_synsets(demo_raw, demo_archives,
+                                                                       tmp_path):
+    samples = archives.validation_samples(str(demo_archives), 3, str(tmp_path / "samples"))
+    labels = (Path(demo_raw) / "validation_labels.txt").read_text().split()
+    assert [(Path(p).name, w) for p, w in samples] == \
+        [(f"ILSVRC2012_val_{n:08d}.JPEG", labels[n - 1]) for n in (1, 2, 3)]
+    for path, _ in samples:
+        assert Path(path).read_bytes() == \
+            (Path(demo_raw) / "validation" / Path(path).name).read_bytes()
