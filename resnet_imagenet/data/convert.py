@@ -371,10 +371,10 @@ class _Progress:
 
 
 def _read_json(uri: str) -> dict | None:
-    if not fs.exists(uri):
-        return None
     try:
         return json.loads(fs.read_text(uri))
+    except FileNotFoundError:
+        return None
     except ValueError:
         return None  # cut short by a crash on a filesystem without atomic rename: not complete
 

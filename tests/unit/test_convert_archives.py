@@ -252,3 +252,10 @@ def test_validation_samples_come_out_of_the_archive_with_their_synsets(demo_raw,
     for path, _ in samples:
         assert Path(path).read_bytes() == \
             (Path(demo_raw) / "validation" / Path(path).name).read_bytes()
+
+
+def test_sample_data_archives_cli_same_seed_same_bytes(demo_archives, tmp_path, capsys):
+    assert cli.main(["sample-data", "--archives", "--per-class", "20", "--output-dir",
+                     str(tmp_path / "raw")]) == 0
+    assert "as the four ILSVRC2012 archives" in capsys.readouterr().out
+    assert files_of(tmp_path / "raw") == files_of(demo_archives)
