@@ -26,6 +26,7 @@ import shutil
 import threading
 from typing import IO, Callable, Iterator
 
+from resnet_imagenet.errors import UserError
 from resnet_imagenet.storage import (basename, dirname, is_remote, is_temp, join, normalize,
                                      scheme, temp_name)
 
@@ -76,10 +77,18 @@ def client():
         return found
     with _client_lock:
         if pid not in _clients:
+            import google.auth.exceptions
             import requests.adapters
             from google.cloud import storage as gcs
 
-            instance = gcs.Client()
+            try:
+                # Object reads and writes need no project; not looking one up saves a request.
+                instance = gcs.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT") or None)
+            except google.auth.exceptions.DefaultCredentialsError:
+                raise UserError(
+                    "no Google Cloud credentials for gs://: run 'gcloud auth "
+                    "application-default login', set GOOGLE_APPLICATION_CREDENTIALS to a key "
+                    "file, or run where workload identity gives the pod an account") from None
             adapter = requests.adapters.HTTPAdapter(pool_connections=POOL_SIZE,
                                                     pool_maxsize=POOL_SIZE)
             for prefix in ("https://", "http://"):

@@ -31,6 +31,7 @@ a member that is not a tar, a devkit without the ground truth, archives of anoth
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
@@ -183,9 +184,7 @@ def _stream_members(uri: str, where: str) -> Iterable[tuple[str, bytes]]:
             for info in tar:
                 if info.isreg():
                     yield info.name, tar.extractfile(info).read()
-    except (tarfile.ReadError, EOFError, zlib.error, OSError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
+    except (tarfile.ReadError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise BadArchive(f"{where} is truncated or not a .tar.gz ({exc}): download it "
                          "again") from None
 
