@@ -323,9 +323,15 @@ def load_input(raw_dir: str, out_dir: str, run=None, num_tasks: int = 1,
     ctx = ShardContext(raw_dir, out_dir, "", {})
 
     def run_units(units: list) -> list[dict]:
-        if run is None:
-            return [_index_unit(ctx, unit) for unit in units]
-        return list(run(_index_unit, ctx, units))
+        results = (_index_unit(ctx, unit) for unit in units) if run is None else \
+            run(_index_unit, ctx, units)
+        indexes, last = [], time.monotonic()
+        for index in results:
+            indexes.append(index)
+            if time.monotonic() - last >= PROGRESS_LOG_SECONDS:
+                last = time.monotonic()
+                log.info("indexed %d/%d archive units", len(indexes), len(units))
+        return indexes
 
     return archives.load(raw_dir, fs.join(out_dir, STATE_DIR, archives.CACHE_DIR), run_units,
                          num_tasks, task_index)
