@@ -29,7 +29,8 @@ and the shard counts, so --num-tasks T tasks agree on it without talking; task I
 shards k with k % T == I. The task that finds every shard complete (or a later --finalize)
 writes labels.txt and manifest.json.
 
-How it resumes: a shard is written under a temporary name and renamed when complete, then a
+How it resumes: a shard is written under a temporary name and renamed when complete (on GCS it
+is uploaded under its own name: an object appears only once its upload completes), then a
 small record of it (OUT/_shards/<shard>.json: image count, skipped files, configuration
 fingerprint) is written; a rerun skips shards that have one. OUT/_shards/config.json names the
 configuration; shards of another configuration are refused, or rebuilt with --overwrite.
@@ -629,8 +630,8 @@ def _convert(raw_dir: str, out_dir: str, run, workers: int, train_shards: int,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw-dir", metavar="RAW",
-                        help="the raw ILSVRC2012 layout (local or gs://); not needed with "
-                        "--finalize")
+                        help="the four ILSVRC2012 archives, or their extracted layout (a "
+                        "directory or gs:// prefix); not needed with --finalize")
     parser.add_argument("--output-dir", required=True, metavar="OUT",
                         help="where the shards, labels.txt and manifest.json go (local or gs://)")
     parser.add_argument("--train-shards", type=int, default=DEFAULT_SHARDS["train"], metavar="N",
