@@ -33,8 +33,8 @@ from resnet_imagenet.storage import (basename, dirname, is_remote, is_temp, join
 __all__ = [
     "basename", "dirname", "is_remote", "is_temp", "join", "normalize", "scheme", "temp_name",
     "exists", "isdir", "listdir", "size", "version", "read_bytes", "read_text", "read_range",
-    "open_range", "write_bytes", "write_text", "atomic_write", "atomic_path", "remove", "rmtree",
-    "is_empty_dir", "client",
+    "open_range", "walk_files", "makedirs", "write_bytes", "write_text", "atomic_write",
+    "atomic_path", "remove", "rmtree", "is_empty_dir", "client", "reset",
 ]
 
 TIMEOUT = (20, 120)  # seconds: connect, read (per request; retries come on top)
