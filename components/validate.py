@@ -37,7 +37,8 @@ def validate_parameters(
         uris={"raw_uri": raw_uri, "tfrecord_uri": tfrecord_uri, "model_uri": model_uri,
               "export_uri": export_uri},
     )
-    for line in preflight.check_pipeline(raw_uri=raw_uri, tfrecord_uri=tfrecord_uri,
-                                         model_uri=model_uri, export_uri=export_uri):
+    for line in preflight.check_pipeline(
+            raw=("raw_uri", raw_uri), tfrecord=("tfrecord_uri", tfrecord_uri),
+            outputs={"model_uri": model_uri, "export_uri": export_uri}):
         print(f"pre-flight: {line}")
     return pipeline_params.task_indices(num_tasks)

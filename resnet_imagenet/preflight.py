@@ -90,39 +90,39 @@ def check_writable(uri: str, parameter: str) -> None:
         fs.remove(probe)
 
 
-def check_pipeline(*, raw_uri: str, tfrecord_uri: str, model_uri: str,
-                   export_uri: str) -> list[str]:
+def check_pipeline(*, raw: tuple[str, str], tfrecord: tuple[str, str],
+                   outputs: dict[str, str]) -> list[str]:
     """Check every gs:// URI of a pipeline run; returns what was checked, one line each.
 
-    The raw data must be readable unless ``tfrecord_uri`` already holds a finished dataset
-    (``manifest.json``), which then only needs to be readable: the pipeline will not convert.
+    ``raw`` and ``tfrecord`` are ``(pipeline parameter name, URI)``; ``outputs`` maps the
+    other written URIs' parameter names to them (model, export). The raw data must be readable
+    unless the TFRecords URI already holds a finished dataset (``manifest.json``), which then
+    only needs to be readable: the pipeline will not convert.
     """
     checked = []
-    remote = {name: uri for name, uri in (("raw_uri", raw_uri), ("tfrecord_uri", tfrecord_uri),
-                                           ("model_uri", model_uri), ("export_uri", export_uri))
-              if uri and fs.is_remote(uri)}
+    (raw_name, raw_uri), (tfrecord_name, tfrecord_uri) = raw, tfrecord
     finished = False
-    if "tfrecord_uri" in remote:
-        with _requesting(tfrecord_uri, "tfrecord_uri", LIST, "listing the prefix"):
+    if tfrecord_uri and fs.is_remote(tfrecord_uri):
+        with _requesting(tfrecord_uri, tfrecord_name, LIST, "listing the prefix"):
             finished = DATASET_MANIFEST in fs.listdir(tfrecord_uri)
-    if "raw_uri" in remote and not finished:
-        names = check_readable(raw_uri, "raw_uri")
+    if raw_uri and fs.is_remote(raw_uri) and not finished:
+        names = check_readable(raw_uri, raw_name)
         from resnet_imagenet.data import archives
 
         if not archives.detect(raw_uri) and "train" not in names:
-            raise UserError(f"pipeline parameter raw_uri={raw_uri} holds neither the four "
+            raise UserError(f"pipeline parameter {raw_name}={raw_uri} holds neither the four "
                             f"ILSVRC2012 archives ({', '.join(archives.OFFICIAL)}) nor the "
                             "extracted layout (train/, validation/, validation_labels.txt)")
-        checked.append(f"raw_uri {raw_uri}: readable")
-    if "tfrecord_uri" in remote:
+        checked.append(f"{raw_name} {raw_uri}: readable")
+    if tfrecord_uri and fs.is_remote(tfrecord_uri):
         if finished:
-            check_readable(tfrecord_uri, "tfrecord_uri")
-            checked.append(f"tfrecord_uri {tfrecord_uri}: a finished dataset, readable")
+            check_readable(tfrecord_uri, tfrecord_name)
+            checked.append(f"{tfrecord_name} {tfrecord_uri}: a finished dataset, readable")
         else:
-            check_writable(tfrecord_uri, "tfrecord_uri")
-            checked.append(f"tfrecord_uri {tfrecord_uri}: writable")
-    for name in ("model_uri", "export_uri"):
-        if name in remote:
-            check_writable(remote[name], name)
-            checked.append(f"{name} {remote[name]}: writable")
+            check_writable(tfrecord_uri, tfrecord_name)
+            checked.append(f"{tfrecord_name} {tfrecord_uri}: writable")
+    for name, uri in outputs.items():
+        if uri and fs.is_remote(uri):
+            check_writable(uri, name)
+            checked.append(f"{name} {uri}: writable")
     return checked

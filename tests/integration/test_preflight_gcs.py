@@ -45,12 +45,18 @@ def uris(raw: str, out: str) -> dict:
             "export_uri": f"{out}/export"}
 
 
+def check(given: dict) -> list[str]:
+    return preflight.check_pipeline(
+        raw=("raw_uri", given["raw_uri"]), tfrecord=("tfrecord_uri", given["tfrecord_uri"]),
+        outputs={"model_uri": given["model_uri"], "export_uri": given["export_uri"]})
+
+
 def objects(bucket_uri: str) -> list[str]:
     return sorted(b.name for b in gcs_client().bucket(bucket_uri[5:]).list_blobs())
 
 
 def test_readable_input_and_writable_outputs_pass_and_leave_nothing(raw, gcs_bucket, policy):
-    checked = preflight.check_pipeline(**uris(raw, gcs_bucket))
+    checked = check(uris(raw, gcs_bucket))
     assert checked == [f"raw_uri {raw}: readable",
                        f"tfrecord_uri {gcs_bucket}/tfrecords: writable",
                        f"model_uri {gcs_bucket}/model: writable",
@@ -70,7 +76,7 @@ def test_a_missing_permission_is_one_line_naming_uri_and_permission(raw, gcs_buc
     policy.deny(permission, raw.split("/")[2] if on == "raw" else gcs_bucket)
     given = uris(raw, gcs_bucket)
     with pytest.raises(UserError) as caught:
-        preflight.check_pipeline(**given)
+        check(given)
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith(f"pipeline parameter {parameter}={given[parameter]}: "
@@ -81,17 +87,15 @@ def test_a_missing_permission_is_one_line_naming_uri_and_permission(raw, gcs_buc
 def test_missing_bucket_empty_prefix_and_a_finished_dataset(raw, gcs_bucket, policy):
     with pytest.raises(UserError, match=r"raw_uri=gs://no-such-bucket-[0-9a-f]+/x: bucket "
                        r"gs://no-such-bucket-[0-9a-f]+ does not exist"):
-        preflight.check_pipeline(**uris(f"gs://no-such-bucket-{uuid.uuid4().hex[:8]}/x",
-                                         gcs_bucket))
+        check(uris(f"gs://no-such-bucket-{uuid.uuid4().hex[:8]}/x", gcs_bucket))
     with pytest.raises(UserError, match=rf"raw_uri={gcs_bucket}/empty holds nothing"):
-        preflight.check_pipeline(**uris(f"{gcs_bucket}/empty", gcs_bucket))
+        check(uris(f"{gcs_bucket}/empty", gcs_bucket))
     # A finished dataset needs no raw data, and is only read: its bucket may be read-only.
     fs.write_text(f"{gcs_bucket}/tfrecords/manifest.json", "{}\n")
     policy.deny("storage.objects.create", gcs_bucket)
     policy.deny("storage.objects.get", raw.split("/")[2])
-    checked = preflight.check_pipeline(
-        raw_uri=raw, tfrecord_uri=f"{gcs_bucket}/tfrecords", model_uri="/local/model",
-        export_uri="/local/export")
+    checked = check({"raw_uri": raw, "tfrecord_uri": f"{gcs_bucket}/tfrecords",
+                     "model_uri": "/local/model", "export_uri": "/local/export"})
     assert checked == [f"tfrecord_uri {gcs_bucket}/tfrecords: a finished dataset, readable"]
 
 
@@ -110,8 +114,9 @@ def test_the_validate_step_runs_the_preflight(raw, gcs_bucket, policy):
 
 def test_preflight_imports_no_tensorflow(raw, gcs_bucket):
     code = ("import sys; from resnet_imagenet import preflight; "
-            f"print(len(preflight.check_pipeline(raw_uri={raw!r}, tfrecord_uri={gcs_bucket!r} + "
-            "'/t', model_uri='m', export_uri='e'))); print('tensorflow' in sys.modules)")
+            f"print(len(preflight.check_pipeline(raw=('r', {raw!r}), tfrecord=('t', "
+            f"{gcs_bucket!r} + '/t'), outputs={{'m': 'm'}}))); "
+            "print('tensorflow' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=os.environ.copy(), timeout=120)
     assert result.stdout.split() == ["2", "False"], result.stderr
