@@ -109,7 +109,7 @@ def check(pipeline_yaml: str, schemas: str, params: dict) -> dict:
         raise Refused(f"invalid pipeline name {spec.pipeline_info.name!r}")
 
     definitions = spec.root.input_definitions.parameters
-    for name, definition in definitions.items():
+    for name, definition in sorted(definitions.items()):  # (Go: map order)
         kind = spec_pb2.ParameterType.ParameterTypeEnum.Name(definition.parameter_type)
         if name not in params:
             if not definition.is_optional and not definition.HasField("default_value"):
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = check(args.pipeline, args.schemas, params)
     except Refused as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line
         return 1
     json.dump(result, sys.stdout, indent=1, sort_keys=True)
     print()
