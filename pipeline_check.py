@@ -26,15 +26,14 @@ VERSIONS_ENV = os.path.join(ROOT, "tools", "versions.env")
 UPLOAD_CHECK = os.path.join(ROOT, "tools", "kfp_upload_check.py")
 SCHEMA_PACKAGES = ("kfp-pipeline-spec", "kfp-kubernetes")
 
-# The run parameters of the README's "Run on a cluster" (bucket gs://BUCKET), once per launcher
-# backend: what a newcomer fills in the run form.
-README_BUCKET = "gs://BUCKET/resnet-imagenet"
+# The run parameters of the README's "Run on a cluster" (its kfp.Client example; a test keeps
+# the two equal), checked once per launcher backend: what a newcomer fills in the run form.
 README_PARAMETERS = {
-    "data_raw_uri": f"{README_BUCKET}/raw",
-    "data_tfrecord_uri": f"{README_BUCKET}/tfrecords",
-    "data_model_uri": f"{README_BUCKET}/model",
-    "data_export_uri": f"{README_BUCKET}/export",
-    "train_gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-tesla-v100"},
+    "data_raw_uri": "gs://BUCKET/imagenet/raw",
+    "data_tfrecord_uri": "gs://BUCKET/imagenet/tfrecords",
+    "data_model_uri": "gs://BUCKET/resnet-imagenet/runs/resnet50-001",
+    "data_export_uri": "gs://BUCKET/resnet-imagenet/export/resnet50-001",
+    "train_gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
 }
 TRAIN_BACKENDS = ("tfjob", "trainjob")
 

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from typing import Dict, List, NamedTuple
 
 from kfp import dsl, kubernetes
-from kfp.dsl import HTML, Artifact
+from kfp.dsl import HTML, Artifact, Metrics
 
 from components.convert import convert_shards, finalize_dataset
 from components.dataset import dataset_ready, use_existing_dataset
@@ -152,6 +152,7 @@ class Options:
 
 class Outputs(NamedTuple):
     saved_model_uri: str
+    training_metrics: Metrics
     evaluation_details: Artifact
     report: HTML
 
@@ -344,6 +345,7 @@ def build_pipeline(options: Options = Options()):
             evaluation_details=evaluated.outputs["evaluation_details"],
         ), "small", "training report"))
         return Outputs(saved_model_uri=exported.outputs["Output"],
+                       training_metrics=trained.outputs["training_metrics"],
                        evaluation_details=evaluated.outputs["evaluation_details"],
                        report=reported.outputs["report"])
 

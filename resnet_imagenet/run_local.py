@@ -225,6 +225,16 @@ def _predict(saved_model: str, samples: list[tuple[str, str]]) -> list[dict]:
     return results
 
 
+def _training_line(outputs: dict) -> str:
+    """The train step's Metrics artifact (what the KFP UI compares runs by), in one line."""
+    figures = getattr(outputs.get("training_metrics"), "metadata", None) or {}
+    if not figures:
+        return "  training: no figures (the train step logged no metrics)"
+    return (f"  training: final loss {figures.get('final_loss', float('nan')):.4f}, "
+            f"{figures.get('images_per_second', 0):.1f} images/s, "
+            f"{int(figures.get('steps', 0))} steps")
+
+
 def _summary(params: dict, outputs: dict, predictions: list[dict], clock: StepClock,
              pipeline_root: str, report: str) -> str:
     metrics = json.loads(storage.read_text(outputs["evaluation_details"].path))
@@ -237,6 +247,7 @@ def _summary(params: dict, outputs: dict, predictions: list[dict], clock: StepCl
         f"{params['train_steps']} steps",
         f"  top-1 {metrics['top1']:.2%}   top-5 {metrics['top5']:.2%}   "
         f"({metrics['images']} validation images, step {metrics.get('step', '?')})",
+        _training_line(outputs),
         "",
         f"  SavedModel       {outputs['saved_model_uri']}",
         f"  checkpoints      {storage.join(params['data_model_uri'], 'checkpoints')}",

@@ -173,7 +173,8 @@ def test_no_two_outputs_share_a_name_and_training_figures_are_metrics(compiled):
     assert seen["evaluation_metrics"] == "comp-evaluate"
     train_outputs = spec.components["comp-train"].output_definitions.artifacts
     assert train_outputs["training_metrics"].artifact_type.schema_title == "system.Metrics"
-    assert set(spec.root.output_definitions.artifacts) == {"evaluation_details", "report"}
+    assert set(spec.root.output_definitions.artifacts) == {
+        "training_metrics", "evaluation_details", "report"}
 
 
 def test_no_step_requests_a_gpu(compiled):

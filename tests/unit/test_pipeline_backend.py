@@ -9,6 +9,7 @@ installed once per machine (pipeline_check.schemas, like tools/build.sh's Go too
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 import compile_pipeline
 import pipeline_check
@@ -39,6 +41,27 @@ def yamls(tmp_path_factory) -> dict[str, str]:
         "2.14": compile_pipeline.compile_pipeline(str(work / "for-2.14.yaml"), Options(
             kfp_backend="2.14", bucket_key_secret="resnet-imagenet-gcp-key")),
     }
+
+
+def readme() -> str:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return f.read()
+
+
+def test_the_checked_parameters_are_the_readmes():
+    block = re.search(r"arguments=(\{.*?\n    \}),\n", readme(), re.S).group(1)
+    assert ast.literal_eval(block) == pipeline_check.README_PARAMETERS
+
+
+def test_the_readme_explains_every_parameter_of_the_run_form(yamls):
+    """A newcomer fills in the form from the README's table: every parameter, its type."""
+    with open(yamls["2.17"]) as f:
+        inputs = next(iter(yaml.safe_load_all(f)))["root"]["inputDefinitions"]["parameters"]
+    types = {"STRING": "string", "BOOLEAN": "boolean", "NUMBER_INTEGER": "integer",
+             "STRUCT": "struct", "LIST": "list"}
+    rows = dict(re.findall(r"^\| `(\w+)` \| (\w+) \|", readme(), re.M))
+    assert rows == {name: types[p["parameterType"]] for name, p in inputs.items()}
+    assert list(rows) == sorted(rows)  # in the order of the form
 
 
 def test_the_versions_are_the_floor_and_the_newest_release():
