@@ -87,7 +87,7 @@ def schemas(version: str) -> str:
             shutil.rmtree(partial, ignore_errors=True)
             raise CheckFailed(f"cannot install the KFP {version} schemas "
                               f"({' '.join(SCHEMA_PACKAGES)} {version}) from PyPI: "
-                              f"{result.stderr.strip().splitlines()[-1:]}")
+                              f"{(result.stderr.strip().splitlines() or ['pip failed'])[-1]}")
         os.rename(partial, target)
     return target
 
@@ -114,6 +114,11 @@ def _duration(seconds) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+def _parameter(channel: str) -> str:
+    """``pipelinechannel--step_node_selector`` -> ``step_node_selector``."""
+    return channel.split("--")[-1]
 
 
 def _in_dag_order(tasks: dict) -> list[str]:
@@ -156,10 +161,10 @@ def step_lines(pipeline_doc: dict, kubernetes: dict) -> list[str]:
         retries = (f"{retry['maxRetryCount']} (after {retry.get('backoffDuration', '0s')}, "
                    f"x{retry.get('backoffFactor', 2):g})" if retry else "none")
         deadline = config.get("activeDeadlineSeconds")
-        placement = ",".join(
-            [f"nodeSelector<-{config['nodeSelector']['nodeSelectorJson']['componentInputParameter'].split('--')[-1]}"]
-            if "nodeSelectorJson" in config.get("nodeSelector", {}) else [])
-        tolerations = [t["tolerationJson"]["componentInputParameter"].split("--")[-1]
+        selector = config.get("nodeSelector", {}).get("nodeSelectorJson", {})
+        placement = (f"nodeSelector<-{_parameter(selector['componentInputParameter'])}"
+                     if "componentInputParameter" in selector else "")
+        tolerations = [_parameter(t["tolerationJson"]["componentInputParameter"])
                        for t in config.get("tolerations", []) if "tolerationJson" in t]
         if tolerations:
             placement += f",tolerations<-{'+'.join(tolerations)}"
@@ -167,7 +172,8 @@ def step_lines(pipeline_doc: dict, kubernetes: dict) -> list[str]:
         loop = f" parallelism={bounds[-1] or 'unbounded'}" if bounds else ""
         lines.append(
             f"{task['taskInfo']['name']:<22} {container['image']}  "
-            f"cpu={resources.get('resourceCpuRequest', '-')}/{resources.get('resourceCpuLimit', '-')} "
+            f"cpu={resources.get('resourceCpuRequest', '-')}/"
+            f"{resources.get('resourceCpuLimit', '-')} "
             f"mem={resources.get('resourceMemoryRequest', '-')}/"
             f"{resources.get('resourceMemoryLimit', '-')} gpus={gpus} retries={retries} "
             f"deadline={_duration(deadline) if deadline else 'none'} "
@@ -193,10 +199,10 @@ def check(pipeline_yaml: str, kfp_backend: str, params_list: list[dict]) -> list
     with open(pipeline_yaml) as f:
         pipeline_doc = next(d for d in yaml.safe_load_all(f) if d and "pipelineInfo" in d)
     config = result["pipeline_config"]
+    deadline, ttl = (_duration(config[k]) if k in config else "none"
+                     for k in ("activeDeadlineSeconds", "resourceTtlOnCompletion"))
     lines.append(f"pipeline {result['pipeline']!r} ({result['display_name']}): run deadline "
-                 f"{_duration(config['activeDeadlineSeconds']) if 'activeDeadlineSeconds' in config else 'none'}, "
-                 f"TTL after finish "
-                 f"{_duration(config['resourceTtlOnCompletion']) if 'resourceTtlOnCompletion' in config else 'none'}")
+                 f"{deadline}, TTL after finish {ttl}")
     lines += step_lines(pipeline_doc, result["kubernetes_executors"])
     return lines
 

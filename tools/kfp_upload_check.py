@@ -40,7 +40,8 @@ def load_schemas(directory: str):
     for name, sub in (("kfp", "kfp"), ("kfp.pipeline_spec", "kfp/pipeline_spec"),
                       ("kfp.kubernetes", "kfp/kubernetes")):
         module = types.ModuleType(name)
-        module.__path__ = [os.path.join(directory, sub)]  # no __init__: kfp.kubernetes imports kfp.dsl
+        # Not run: kfp/kubernetes/__init__.py imports the kfp SDK.
+        module.__path__ = [os.path.join(directory, sub)]
         sys.modules[name] = module
     from kfp.kubernetes import kubernetes_executor_config_pb2
     from kfp.pipeline_spec import pipeline_spec_pb2

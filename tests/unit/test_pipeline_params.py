@@ -202,7 +202,8 @@ def test_launch_argv_is_accepted_by_launch():
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert {"key": "dedicated", "operator": "Equal", "value": "ml",
             "effect": "NoSchedule"} in pod["tolerations"]
-    assert {"name": "gcs-key", "secret": {"secretName": "resnet-imagenet-gcp-key"}} in pod["volumes"]
+    assert {"name": "gcs-key",
+            "secret": {"secretName": "resnet-imagenet-gcp-key"}} in pod["volumes"]
 
 
 def test_trainjob_backend_gets_the_same_kubernetes_flags():
