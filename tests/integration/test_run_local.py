@@ -114,7 +114,7 @@ def test_bad_flags_fail_before_anything_starts(tmp_path):
     result = run_local(tmp_path / "w", "--batch-size", "15")
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "error: pipeline parameter batch_size=15 is not divisible by the 2 CPU workers "
-        "(gpus_per_worker=0): every replica needs the same share of the global batch, "
+        "error: pipeline parameter train_batch_size=15 is not divisible by the 2 CPU workers "
+        "(train_gpus_per_worker=0): every replica needs the same share of the global batch, "
         "use e.g. 14")
     assert not (tmp_path / "w").exists()
