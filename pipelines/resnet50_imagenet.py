@@ -93,6 +93,8 @@ RESOURCES = {
     "tensorflow": ("4", "8", "8Gi", "16Gi"),  # evaluation and export run a ResNet on CPUs
 }
 
+DEFAULT_TFRECORD_TASKS = 16  # the default of tfrecord_tasks: 1024 + 128 shards in 16 pods
+
 # Retries of the idempotent steps: 3 more attempts after 30 s, 60 s, 120 s (convert: 15 s, ...).
 RETRIES = 3
 
@@ -125,9 +127,11 @@ class Options:
     @property
     def run_deadline(self) -> int:
         """The whole run: the longest training plus the longest path of the other steps, with
-        conversion in two waves (16 tasks, 8 at once) and one retry of each step."""
+        conversion of the default task count in waves of ``convert_parallelism`` (two by
+        default) and one retry of each step."""
+        waves = -(-DEFAULT_TFRECORD_TASKS // self.convert_parallelism)
         others = (2 * self.small_deadline  # validate, dataset ready
-                  + 2 * 2 * self.convert_deadline + 2 * self.small_deadline  # convert, finalize
+                  + 2 * waves * self.convert_deadline + 2 * self.small_deadline  # + finalize
                   + 2 * self.evaluate_deadline + 2 * self.export_deadline)
         return self.train_deadline + others
 
@@ -213,7 +217,7 @@ def build_pipeline(options: Options = Options()):
         step_tolerations: List[dict] = [],
         tfrecord_shards_train: int = 1024,
         tfrecord_shards_validation: int = 128,
-        tfrecord_tasks: int = 16,
+        tfrecord_tasks: int = DEFAULT_TFRECORD_TASKS,
         tfrecord_workers_per_task: int = 8,
         tfrecord_seed: int = 0,
         train_backend: str = "tfjob",
