@@ -103,13 +103,17 @@ def test_the_validate_step_runs_the_preflight(raw, gcs_bucket, policy):
     from components.validate import validate_parameters
 
     policy.deny("storage.objects.create", gcs_bucket)
-    with pytest.raises(UserError, match=r"model_uri=.*lacks storage.objects.create"):
+    with pytest.raises(UserError, match=r"^pipeline parameter data_model_uri=gs://.*/model: "
+                       r"anonymous credentials lacks storage.objects.create"):
         validate_parameters.python_func(
-            backend="tfjob", workers=2, gpus_per_worker=1, batch_size=64, train_steps=10,
-            resnet_size=50, num_classes=1000, image_size=224, num_tasks=2, train_shards=4,
-            validation_shards=2, timeout_seconds=0, raw_uri=raw,
-            tfrecord_uri=f"{raw.rsplit('/', 1)[0]}/tfrecords",  # writable: another bucket
-            model_uri=f"{gcs_bucket}/model", export_uri=f"{gcs_bucket}/export")
+            train_backend="tfjob", train_workers=2, train_gpus_per_worker=1,
+            train_batch_size=64, train_steps=10, model_resnet_depth=50, model_num_classes=1000,
+            model_image_size=224, tfrecord_tasks=2, tfrecord_shards_train=4,
+            tfrecord_shards_validation=2, train_timeout_seconds=3600,
+            train_timeout_max_seconds=604800, train_gpu_tolerations=[], step_tolerations=[],
+            data_raw_uri=raw,
+            data_tfrecord_uri=f"{raw.rsplit('/', 1)[0]}/tfrecords",  # writable: another bucket
+            data_model_uri=f"{gcs_bucket}/model", data_export_uri=f"{gcs_bucket}/export")
 
 
 def test_preflight_imports_no_tensorflow(raw, gcs_bucket):

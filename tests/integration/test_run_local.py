@@ -68,6 +68,11 @@ def test_the_pipeline_runs_end_to_end(first_run):
     assert metrics["step"] == 6
     assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
     assert f"top-1 {metrics['top1']:.2%}   top-5 {metrics['top5']:.2%}" in stdout
+    # The train step's Metrics artifact: the final training figures of the run's summary.
+    summary = json.loads(open(os.path.join(summary_path(stdout, "checkpoints"), os.pardir,
+                                           "train_summary.json")).read())
+    assert (f"  training: final loss {summary['loss']:.4f}, "
+            f"{summary['images_per_second']:.1f} images/s, 6 steps") in stdout
 
     saved_model = summary_path(stdout, "SavedModel")
     assert saved_model.startswith(str(workdir / "runs")) and saved_model.endswith("/1")
@@ -109,8 +114,8 @@ def test_bad_flags_fail_before_anything_starts(tmp_path):
     result = run_local(tmp_path / "w", "--batch-size", "15")
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "error: pipeline parameter batch_size=15 is not divisible by the 2 CPU workers "
-        "(gpus_per_worker=0): every replica needs the same share of the global batch, "
+        "error: pipeline parameter train_batch_size=15 is not divisible by the 2 CPU workers "
+        "(train_gpus_per_worker=0): every replica needs the same share of the global batch, "
         "use e.g. 14")
     assert not (tmp_path / "w").exists()
 
