@@ -29,7 +29,7 @@ import math
 import os
 import sys
 
-from resnet_imagenet.launch import local, tfjob
+from resnet_imagenet.launch import cluster, local, tfjob
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,9 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="restarts before the job fails (default %(default)s)")
     job.add_argument("--ttl-seconds-after-finished", type=int, default=86_400,
                      help="delete the finished TFJob after this long (default one day)")
-    job.add_argument("--poll-interval", type=float, default=tfjob.DEFAULT_POLL_INTERVAL,
+    job.add_argument("--poll-interval", type=float, default=cluster.DEFAULT_POLL_INTERVAL,
                      metavar="SECONDS", help="how often to check the TFJob (default %(default)s)")
-    job.add_argument("--log-tail", type=int, default=tfjob.DEFAULT_LOG_TAIL, metavar="LINES",
+    job.add_argument("--log-tail", type=int, default=cluster.DEFAULT_LOG_TAIL, metavar="LINES",
                      help="log lines shown of each failed replica (default %(default)s)")
     parser.add_argument("train_args", nargs="*", metavar="-- TRAIN_FLAGS",
                         help="flags of 'resnet-imagenet train'")
@@ -137,6 +137,6 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         sys.stdout.write(tfjob.tfjob_yaml(opts))
         return 0
-    return tfjob.launch_tfjob(
+    return cluster.launch_tfjob(
         opts, kubeconfig=args.kubeconfig, context=args.context, timeout=args.timeout,
         poll_interval=args.poll_interval, log_tail=args.log_tail)
