@@ -43,7 +43,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from resnet_imagenet.errors import UserError
-from resnet_imagenet.launch import tfjob
+from resnet_imagenet.launch import tfjob, trainjob
 from resnet_imagenet.launch.runtime import (FAILED, TIMED_OUT, PrefixedOutput, Terminated,
                                             check_counts, terminate_on_signals)
 
@@ -691,3 +691,52 @@ def launch_tfjob(opts: tfjob.TFJobOptions, **kwargs) -> int:
     the same timeout (the CLI does) so that the operator enforces it should the launcher itself
     be gone."""
     return launch(TFJOB, opts, tfjob.build_tfjob, **kwargs)
+
+
+def _trainjob_chief(core, namespace: str, job: str, request_timeout):
+    """The pod of completion index 0 of the ``node`` Job (its name has a random suffix, and a
+    replacement pod gets another): the newest one not being deleted, else the newest."""
+    selector = ",".join((f"{trainjob.JOBSET_NAME_LABEL}={job}",
+                         f"{trainjob.REPLICATED_JOB_LABEL}={trainjob.NODE}",
+                         f"{trainjob.COMPLETION_INDEX_LABEL}=0"))
+    pods = core.list_namespaced_pod(namespace, label_selector=selector,
+                                    _request_timeout=request_timeout).items
+    if not pods:
+        return None
+    pods.sort(key=lambda p: (p.metadata.deletion_timestamp is None,
+                             p.metadata.creation_timestamp or 0, p.metadata.name))
+    return pods[-1]
+
+
+def _trainjob_replica(pod) -> str:
+    """``node-1``, ``evaluator-0``: the replicated job and the pod's completion index."""
+    labels = pod.metadata.labels or {}
+    return "-".join((labels.get(trainjob.REPLICATED_JOB_LABEL, "pod"),
+                     labels.get(trainjob.COMPLETION_INDEX_LABEL, "?")))
+
+
+def _trainjob_progress(status: dict) -> str | None:
+    """``node active=2 ready=2 succeeded=0 failed=0`` from ``status.jobsStatus``."""
+    jobs = status.get("jobsStatus")
+    if not jobs:
+        return None
+    return "; ".join(
+        f"{job.get('name')} " + " ".join(f"{k}={job.get(k, 0)}"
+                                         for k in ("active", "ready", "succeeded", "failed"))
+        for job in sorted(jobs, key=lambda j: j.get("name", "")))
+
+
+TRAINJOB = JobKind(
+    group=trainjob.GROUP, version=trainjob.VERSION, plural=trainjob.PLURAL, kind=trainjob.KIND,
+    containers=(trainjob.NODE, trainjob.EVALUATOR), succeeded="Complete", failed="Failed",
+    rbac_manifest=trainjob.RBAC_MANIFEST, rbac_hint=trainjob.RBAC_HINT,
+    pod_selector=lambda name: f"{trainjob.JOBSET_NAME_LABEL}={name}",
+    chief_pod=_trainjob_chief, replica_name=_trainjob_replica, progress=_trainjob_progress,
+    chief_prefix=f"{trainjob.NODE}-0",
+)
+
+
+def launch_trainjob(opts: trainjob.TrainJobOptions, **kwargs) -> int:
+    """:func:`launch` for a TrainJob (Kubeflow Trainer v2); ``opts.active_deadline_seconds``
+    becomes its ``spec.activeDeadlineSeconds``."""
+    return launch(TRAINJOB, opts, trainjob.build_trainjob, **kwargs)
