@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 WORKER_JOBS = ("chief", "worker")
 PORT = 2222  # the workers' gRPC port: the training operator's, and the runtime's containerPort
 
-# What a pod of the resnet-imagenet-tensorflow TrainingRuntime has (manifests/components/trainer-v2).
+# What a pod of the resnet-imagenet-tensorflow TrainingRuntime has (manifests/components/
+# trainer-v2).
 # The Job controller sets the completion index in every pod of an Indexed Job:
 COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
 # The runtime copies JobSet's pod labels into these (Downward API):

@@ -275,7 +275,8 @@ def pod_specs(where: str, obj: dict) -> list[tuple[str, dict]]:
         return [(f"{describe(where, obj)} {replica}", spec["template"]["spec"])
                 for replica, spec in obj["spec"]["tfReplicaSpecs"].items()]
     if obj["kind"] == "TrainingRuntime":
-        return [(f"{describe(where, obj)} {job['name']}", job["template"]["spec"]["template"]["spec"])
+        return [(f"{describe(where, obj)} {job['name']}",
+                 job["template"]["spec"]["template"]["spec"])
                 for job in obj["spec"]["template"]["spec"]["replicatedJobs"]]
     return []
 
