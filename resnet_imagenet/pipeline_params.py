@@ -21,7 +21,10 @@ from resnet_imagenet import storage
 from resnet_imagenet.config import RESNET_DEPTHS
 from resnet_imagenet.errors import UserError
 
-BACKENDS = ("tfjob", "local")
+BACKENDS = ("tfjob", "trainjob", "local")
+# The backends whose pods run on the cluster: a TFJob (training-operator v1) or a TrainJob
+# (Kubeflow Trainer v2), with the same flags and the same contract.
+CLUSTER_BACKENDS = ("tfjob", "trainjob")
 
 
 def as_int(name: str, value) -> int:
@@ -66,8 +69,8 @@ def validate(
     """Refuse a parameter set that could not run, with one line naming the parameter.
 
     ``uris`` maps parameter names to the URIs the run reads or writes (raw data, TFRecords,
-    model, export). With the ``tfjob`` backend the TFRecords and model URIs must be object
-    storage: the TFJob's pods run elsewhere and cannot see the launcher pod's files.
+    model, export). With the ``tfjob`` and ``trainjob`` backends the TFRecords and model URIs
+    must be object storage: the job's pods run elsewhere and cannot see the launcher pod's files.
     """
     if backend not in BACKENDS:
         raise UserError(
@@ -108,13 +111,14 @@ def validate(
         if not uri or not str(uri).strip():
             raise UserError(f"pipeline parameter {name} is empty: give a gs://BUCKET/PATH URI")
         storage.scheme(uri)  # refuses unknown schemes with its own one-line message
-    if backend == "tfjob":
+    if backend in CLUSTER_BACKENDS:
+        kind = "TFJob" if backend == "tfjob" else "TrainJob"
         for name in ("tfrecord_uri", "model_uri"):
             if name in uris and not storage.is_remote(uris[name]):
                 raise UserError(
                     f"pipeline parameter {name}={uris[name]!r} is a local path, which the "
-                    "TFJob's pods cannot see: use object storage (gs://BUCKET/PATH) with the "
-                    "tfjob backend"
+                    f"{kind}'s pods cannot see: use object storage (gs://BUCKET/PATH) with the "
+                    f"{backend} backend"
                 )
 
 
@@ -205,12 +209,12 @@ def launch_argv(
 ) -> list[str]:
     """``resnet-imagenet launch ... -- <train flags>`` from the pipeline's parameters.
 
-    ``run_id`` (the KFP run id) names the TFJob, so a retried launcher step re-attaches to the
-    TFJob its first attempt created instead of starting a second one. Node pool selection and
-    tolerations (``KEY[=VALUE][:EFFECT]``, as ``kubectl taint``; the launcher adds the
-    ``nvidia.com/gpu`` one by itself) apply to the TFJob's pods, which run as
+    ``run_id`` (the KFP run id) names the TFJob or TrainJob, so a retried launcher step
+    re-attaches to the job its first attempt created instead of starting a second one. Node pool
+    selection and tolerations (``KEY[=VALUE][:EFFECT]``, as ``kubectl taint``; the launcher adds
+    the ``nvidia.com/gpu`` one by itself) apply to the job's pods, which run as
     ``service_account`` (the identity that reaches the bucket); the launcher step itself
-    requests no GPU.
+    requests no GPU. Both cluster backends take the same flags.
     """
     argv = [
         "launch",
@@ -220,7 +224,7 @@ def launch_argv(
     ]
     if evaluator:
         argv.append("--evaluator")
-    if backend == "tfjob":
+    if backend in CLUSTER_BACKENDS:
         if trainer_image:
             argv += ["--image", trainer_image]
         if namespace:
