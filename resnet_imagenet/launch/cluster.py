@@ -70,6 +70,7 @@ class JobKind:
     failed: str
     rbac_manifest: str  # the file with the Role that grants the launcher's rights
     rbac_hint: str  # how a 403 message says to apply it
+    installer: str  # what provides the CRD and its controller, with the version targeted
     pod_selector: Callable[[str], str]  # job name -> label selector of all its pods
     # (core API, namespace, job name, request timeout) -> the chief's pod, or None
     chief_pod: Callable[..., object]
@@ -436,10 +437,15 @@ class JobRun:
             try:
                 with self._api("create"):
                     try:
+                        # Strict: a field the cluster's CRD does not know (an older operator or
+                        # Trainer) is refused, not silently dropped.
                         created = self._custom.create_namespaced_custom_object(
-                            *self._coordinates(), self.body, _request_timeout=self._timeout)
+                            *self._coordinates(), self.body, field_validation="Strict",
+                            _request_timeout=self._timeout)
                     except ApiException as exc:
                         self._ours = "no"  # the server answered: nothing was created
+                        if exc.status in (400, 404, 422):
+                            raise self._refused(exc) from None
                         if exc.status != 409:
                             raise
                         created = None
@@ -461,6 +467,22 @@ class JobRun:
                 self._pause(deadline)
                 continue
             return self._attach(existing)
+
+    def _refused(self, exc: ApiException) -> UserError:
+        """One line for a create the API server refused: no such resource (the CRD is not
+        installed, or the namespace does not exist), or an invalid object (an older CRD, a
+        webhook or a CEL rule)."""
+        message = _server_message(exc)
+        if exc.status == 404:
+            return UserError(
+                f"cannot create {self.what}: {message}; check that the cluster has "
+                f"{self.kind.resource} from {self.kind.installer} (kubectl api-resources | grep "
+                f"-e tfjobs -e trainjobs) and that namespace '{self.namespace}' exists")
+        hint = ""
+        if "unknown field" in message:
+            hint = (f"; this launcher writes {self.kind.kind}s for {self.kind.installer}, the "
+                    "cluster's CRD is older: upgrade it, or use the other --backend")
+        return UserError(f"the API server refused {self.what}: {message}{hint}")
 
     def _attach(self, existing: dict) -> dict:
         ours = self.body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
@@ -681,6 +703,7 @@ TFJOB = JobKind(
     group=tfjob.GROUP, version=tfjob.VERSION, plural=tfjob.PLURAL, kind=tfjob.KIND,
     containers=(tfjob.CONTAINER,), succeeded="Succeeded", failed="Failed",
     rbac_manifest=tfjob.RBAC_MANIFEST, rbac_hint=tfjob.RBAC_HINT,
+    installer="training-operator v1.9",
     pod_selector=lambda name: f"{tfjob.JOB_NAME_LABEL}={name}",
     chief_pod=_tfjob_chief, replica_name=_tfjob_replica, progress=_tfjob_progress,
 )
@@ -730,6 +753,7 @@ TRAINJOB = JobKind(
     group=trainjob.GROUP, version=trainjob.VERSION, plural=trainjob.PLURAL, kind=trainjob.KIND,
     containers=(trainjob.NODE, trainjob.EVALUATOR), succeeded="Complete", failed="Failed",
     rbac_manifest=trainjob.RBAC_MANIFEST, rbac_hint=trainjob.RBAC_HINT,
+    installer="Kubeflow Trainer v2.2 or later",
     pod_selector=lambda name: f"{trainjob.JOBSET_NAME_LABEL}={name}",
     chief_pod=_trainjob_chief, replica_name=_trainjob_replica, progress=_trainjob_progress,
     chief_prefix=f"{trainjob.NODE}-0",
