@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 include images/versions.env   # REGISTRY, TAG, TF_VERSION; `make images REGISTRY=.. TAG=..` overrides
 WORKDIR  ?= demo
 
-.PHONY: demo test install pipeline images push manifests clean
+.PHONY: demo test install pipeline images push manifests clean tools cluster cluster-down
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,21 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m resnet_imagenet run-local --workdir $(WORKDIR)
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(PY) -m pytest -q --durations=15
+
+# The Go-built control plane the Kubernetes tests run against (tools/versions.env pins it): built
+# once per machine into ~/.cache/resnet-imagenet/bin, a no-op afterwards.
+tools:
+	tools/build.sh
+
+# The same control plane by hand, for kubectl: `make cluster`, then the printed export line.
+CLUSTER_DIR ?= .cluster
+cluster: $(STAMP) tools
+	$(PY) -m tests.support.cluster up $(CLUSTER_DIR)
+
+cluster-down:
+	$(PY) -m tests.support.cluster down $(CLUSTER_DIR)
 
 pipeline: $(STAMP)
 	RESNET_IMAGENET_REGISTRY=$(REGISTRY) RESNET_IMAGENET_TAG=$(TAG) $(PY) compile_pipeline.py
@@ -39,4 +52,4 @@ manifests: $(STAMP)
 	$(PY) manifests/generate.py
 
 clean:
-	rm -rf $(VENV) $(WORKDIR) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(WORKDIR) build *.egg-info .pytest_cache $(CLUSTER_DIR)
