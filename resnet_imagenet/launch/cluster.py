@@ -567,25 +567,26 @@ class JobRun:
         return now
 
     def report_failure(self, job: dict) -> None:
-        """Log why the job failed and the last lines of each replica that exited non-zero."""
+        """Log why the job failed and the last lines of each replica that exited non-zero; the
+        last line says which pod failed and why (what a KFP step's log shows at its end)."""
         cond = _condition(job, self.kind.failed) or {}
-        log.error("%s failed: %s %s", self.what, cond.get("reason", ""),
-                  cond.get("message", ""))
+        reason = " ".join(filter(None, (cond.get("reason", ""), cond.get("message", ""))))
+        log.error("%s failed: %s", self.what, reason)
+        failed = []
         try:
             with self._api("list", "pods"):
                 pods = self._core.list_namespaced_pod(
                     self.namespace, label_selector=self.kind.pod_selector(self.name),
                     _request_timeout=self._timeout).items
-            shown = 0
             for pod in sorted(pods, key=lambda p: p.metadata.name):
                 status = _container_status(pod, self.kind.containers)
                 terminated = _terminated(status)
                 if terminated is None or not terminated.exit_code:
                     continue
                 replica = self.kind.replica_name(pod)
-                log.error("%s (pod %s) exited with code %s (%s); its last %d log lines:", replica,
-                          pod.metadata.name, terminated.exit_code, terminated.reason or "Error",
-                          self._log_tail)
+                failed.append(f"{replica} (pod {pod.metadata.name}) exited with code "
+                              f"{terminated.exit_code} ({terminated.reason or 'Error'})")
+                log.error("%s; its last %d log lines:", failed[-1], self._log_tail)
                 # Restarted since it failed: the failed run is the previous container's.
                 previous = status.state is None or status.state.terminated is None
                 with self._api("get", "pods/log"):
@@ -595,13 +596,14 @@ class JobRun:
                         _request_timeout=self._timeout)
                 for line in text.splitlines():
                     self._output.write(replica, line)
-                shown += 1
-            if not shown:
+            if not failed:
                 log.error("no failed pod of %s is left to read logs from (its clean-up policy "
                           "or TTL removed them); see kubectl -n %s describe %s %s", self.what,
                           self.namespace, self.kind.short, self.name)
         except (UserError, ApiException) as exc:
             log.error("could not read the failed replicas' logs: %s", _server_message(exc))
+        if failed:
+            log.error("%s failed: %s", self.what, "; ".join(failed))
 
     def delete(self) -> None:
         """Delete the job if it is (or may be) ours; its pods go first (Foreground)."""
