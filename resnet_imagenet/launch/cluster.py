@@ -136,6 +136,11 @@ def _server_message(exc: Exception) -> str:
         return f"{exc.status} {exc.reason}"
 
 
+def _webhook_denial(exc: ApiException) -> bool:
+    """A 403 from an admission webhook (it refuses the object), not from RBAC."""
+    return exc.status == 403 and "admission webhook" in _server_message(exc)
+
+
 def _connection_reason(reason: Exception) -> str:
     """The last, telling part of urllib3's nested messages ("[Errno 111] Connection refused")."""
     return str(reason).split(": ")[-1].strip() or type(reason).__name__
@@ -148,7 +153,7 @@ def api_errors(verb: str, resource: str, namespace: str, host: str,
     try:
         yield
     except ApiException as exc:
-        if exc.status == 403:
+        if exc.status == 403 and not _webhook_denial(exc):
             raise UserError(
                 f"permission denied: the launcher's identity may not {verb} {resource} in "
                 f"namespace '{namespace}' (API server: {_server_message(exc)}); grant it with "
@@ -444,7 +449,7 @@ class JobRun:
                             _request_timeout=self._timeout)
                     except ApiException as exc:
                         self._ours = "no"  # the server answered: nothing was created
-                        if exc.status in (400, 404, 422):
+                        if exc.status in (400, 404, 422) or _webhook_denial(exc):
                             raise self._refused(exc) from None
                         if exc.status != 409:
                             raise
@@ -482,7 +487,11 @@ class JobRun:
         if "unknown field" in message:
             hint = (f"; this launcher writes {self.kind.kind}s for {self.kind.installer}, the "
                     "cluster's CRD is older: upgrade it, or use the other --backend")
-        return UserError(f"the API server refused {self.what}: {message}{hint}")
+        elif "trainingRuntime must be created" in message:
+            hint = (f"; install the runtimes in namespace '{self.namespace}' (the overlay with "
+                    "../../components/trainer-v2, kubectl apply -k)")
+        return UserError(f"the API server refused {self.what}: {' '.join(message.split())}"
+                         f"{hint}")
 
     def _attach(self, existing: dict) -> dict:
         ours = self.body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]

@@ -178,7 +178,9 @@ def build_trainjob(opts: TrainJobOptions) -> dict:
     data_dir, model_dir = train_dirs(opts.train_args)
     limits: dict = {"memory": str(opts.memory)}
     if opts.gpus_per_worker:
-        limits[tfjob.GPU_RESOURCE] = opts.gpus_per_worker
+        # A string, as Trainer's defaulting webhook stores quantities (the spec hash and a
+        # re-attach then compare like with like).
+        limits[tfjob.GPU_RESOURCE] = str(opts.gpus_per_worker)
     trainer = {
         "image": opts.image,
         "command": ["resnet-imagenet"],

@@ -156,7 +156,7 @@ def test_launch_argv_is_accepted_by_launch(backend):
         pod = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
             "template"]["spec"]["template"]["spec"]
         assert pod["serviceAccountName"] == "resnet-imagenet"
-    assert replicas == 4 and limits["nvidia.com/gpu"] == 1
+    assert replicas == 4 and int(limits["nvidia.com/gpu"]) == 1
     assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-tesla-v100"}
 
 

@@ -1,11 +1,14 @@
 """TF_CONFIG under Kubeflow Trainer v2, built by the trainer from what JobSet gives each pod.
 
 The environment below is that of a pod of the ``resnet-imagenet-tensorflow`` runtime for a
-TrainJob ``resnet-train-0a1b2c3d4e5f`` with numNodes 3: the Job controller's completion index,
-JobSet's labels through the runtime's Downward-API variables, and the launcher's node count.
-Pods get hostnames ``<jobset>-<replicated job>-<job index>-<completion index>`` under the
-subdomain of JobSet's headless Service, named after the JobSet (tests/integration/
-test_launch_cluster.py reads them off the pods of the real controllers).
+TrainJob ``resnet-train-0a1b2c3d4e5f`` with numNodes 3, with the names read off the pods the real
+controllers made (Trainer v2.3.0, JobSet v0.12.0, kube-controller-manager 1.36; tests/integration/
+test_launch_cluster.py does it on every run): the Job controller adds ``JOB_COMPLETION_INDEX``
+(from the pod label ``batch.kubernetes.io/job-completion-index``); JobSet labels the pods
+``jobset.sigs.k8s.io/jobset-name`` (the TrainJob's name), ``.../replicatedjob-name`` (``node``) and
+``.../job-index`` (``0``), which the runtime copies into the environment; pod ``i`` gets the
+hostname ``resnet-train-...-node-0-<i>`` and the subdomain ``resnet-train-...``, the name of
+JobSet's headless Service.
 """
 
 from __future__ import annotations

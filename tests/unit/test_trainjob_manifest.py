@@ -61,7 +61,7 @@ def test_gpu_pool_settings_go_into_the_runtime_patch():
                 node_selector={"pool": "a"}, tolerations=[{"key": "spot", "operator": "Exists"}],
                 gcs_secret="gcp-key", pvc="imagenet:/data", env={"NCCL_DEBUG": "WARN"},
                 shm_size="8Gi", active_deadline_seconds=7200)
-    assert job["spec"]["trainer"]["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 8
+    assert job["spec"]["trainer"]["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8"
     assert job["spec"]["activeDeadlineSeconds"] == 7200
     env = {e["name"]: e["value"] for e in job["spec"]["trainer"]["env"]}
     assert env == {"NCCL_DEBUG": "WARN", "GOOGLE_APPLICATION_CREDENTIALS":
