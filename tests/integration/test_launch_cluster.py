@@ -136,6 +136,24 @@ def test_every_job_the_launcher_makes_is_accepted_by_the_real_api_server(
     assert accepted["metadata"]["annotations"] == body["metadata"]["annotations"]
 
 
+def test_a_field_the_clusters_crd_does_not_know_is_refused_not_dropped(
+        control_plane, kube_namespace, backend):
+    """What an older operator or Trainer (Trainer v2.1 has no spec.runtimePatches) would do with
+    a field it does not know: with fieldValidation=Strict the API server refuses it, in one line
+    that says what to upgrade, instead of dropping it and running something else."""
+    body = backend.build(backend.options(kube_namespace))
+    body["spec"]["fromTheFuture"] = {"enabled": True}
+    with pytest.raises(UserError) as refused:
+        cluster.JobRun(control_plane.admin(), backend.kind, body, poll_interval=POLL).submit()
+    text = str(refused.value)
+    assert "\n" not in text
+    assert text.startswith(f"the API server refused {backend.kind.kind} "
+                           f"{kube_namespace}/resnet-test: ")
+    assert 'unknown field "spec.fromTheFuture"' in text
+    assert text.endswith(f"the cluster's CRD is older: upgrade it, or use the other --backend")
+    assert backend.get(control_plane.admin(), kube_namespace, "resnet-test") is None
+
+
 def test_a_trainjob_without_its_runtime_is_refused_in_one_line(control_plane, kube_namespace):
     """Trainer's webhook refuses a TrainJob whose runtime is not in the namespace: the line says
     so (nothing is created)."""
@@ -204,6 +222,41 @@ def test_trainjob_pods_get_the_tf_config_the_local_backend_writes(control_plane,
             for env in envs]
     assert [(c.num_workers, c.task_index, c.worker_id, c.is_chief) for c in ours] == \
         [(c.num_workers, c.task_index, c.worker_id, c.is_chief) for c in local_configs]
+
+
+def test_trainjob_evaluator_runs_next_to_the_workers_on_the_gpu_pool(
+        control_plane, kube_namespace):
+    """--evaluator: the evaluator job of the -evaluator runtime runs `evaluate --watch` on the
+    run's directories, on a GPU node, and the TrainJob completes once it and the workers have."""
+    TRAINJOB.prepare(control_plane, kube_namespace)
+    opts = TRAINJOB.options(kube_namespace, evaluator=True, gpus_per_worker=1,
+                            accelerator=GPU_ACCELERATOR)
+    with launching(TRAINJOB, control_plane.admin(), opts) as (result, _):
+        workers = running_pods(control_plane, TRAINJOB, kube_namespace, "resnet-test", 2)
+        selector = (f"{trainjob.JOBSET_NAME_LABEL}=resnet-test,"
+                    f"{trainjob.REPLICATED_JOB_LABEL}={trainjob.EVALUATOR}")
+        (evaluator,) = wait_until(lambda: [
+            p for p in core(control_plane).list_namespaced_pod(
+                kube_namespace, label_selector=selector).items
+            if p.status.phase == "Running"], what="the evaluator running")
+        finish(control_plane, kube_namespace, workers)
+        time.sleep(1)
+        job = TRAINJOB.get(control_plane.admin(), kube_namespace, "resnet-test")
+        assert not cluster._condition(job, "Complete")  # the evaluator is still at work
+        finish(control_plane, kube_namespace, [evaluator])
+        assert result.result(timeout=90) == 0
+
+    (container,) = evaluator.spec.containers
+    env = {e.name: e.value for e in container.env}
+    assert container.command + container.args == [
+        "resnet-imagenet", "evaluate", "--watch", "--data-dir", "$(RESNET_IMAGENET_DATA_DIR)",
+        "--model-dir", "$(RESNET_IMAGENET_MODEL_DIR)"]
+    assert (env["RESNET_IMAGENET_DATA_DIR"], env["RESNET_IMAGENET_MODEL_DIR"]) == (
+        "gs://bucket/tfrecords", "gs://bucket/model")
+    assert container.resources.limits["nvidia.com/gpu"] == "1"
+    node = core(control_plane).read_node(evaluator.spec.node_name)
+    assert node.metadata.labels[NODEPOOL_LABEL] == GPU_POOL
+    assert "JOBSET_NAME" not in env  # not part of the workers' cluster
 
 
 # --- the launcher's life cycle ----------------------------------------------------------------
