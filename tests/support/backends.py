@@ -75,9 +75,11 @@ class Backend:
 
         trainer_v2.start(plane)
         # The runtimes, and the ServiceAccount their pods run as.
+        wanted = {("TrainingRuntime", trainjob.RUNTIME),
+                  ("TrainingRuntime", trainjob.RUNTIME_WITH_EVALUATOR),
+                  ("ServiceAccount", "resnet-imagenet")}
         objects = [o for o in render_overlay(plane, namespace, with_trainer_v2=True)
-                   if o["kind"] == "TrainingRuntime" or (
-                       o["kind"] == "ServiceAccount" and o["metadata"]["name"] == "resnet-imagenet")]
+                   if (o["kind"], o["metadata"]["name"]) in wanted]
         apply(plane, objects)
         return objects
 
