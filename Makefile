@@ -15,7 +15,7 @@ KFP_BACKEND       ?= 2.17
 BUCKET_KEY_SECRET ?=
 PIPELINE_FLAGS    := --kfp-backend $(KFP_BACKEND) $(if $(BUCKET_KEY_SECRET),--bucket-key-secret $(BUCKET_KEY_SECRET))
 
-.PHONY: demo test install pipeline pipeline-check images push manifests clean
+.PHONY: demo test install pipeline pipeline-check images push manifests clean tools cluster cluster-down
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,21 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m resnet_imagenet run-local --workdir $(WORKDIR)
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(PY) -m pytest -q --durations=15
+
+# The Go-built control plane the Kubernetes tests run against (tools/versions.env pins it): built
+# once per machine into ~/.cache/resnet-imagenet/bin, a no-op afterwards.
+tools:
+	tools/build.sh
+
+# The same control plane by hand, for kubectl: `make cluster`, then the printed export line.
+CLUSTER_DIR ?= .cluster
+cluster: $(STAMP) tools
+	$(PY) -m tests.support.cluster up $(CLUSTER_DIR)
+
+cluster-down:
+	$(PY) -m tests.support.cluster down $(CLUSTER_DIR)
 
 pipeline: $(STAMP)
 	RESNET_IMAGENET_REGISTRY=$(REGISTRY) RESNET_IMAGENET_TAG=$(TAG) $(PY) compile_pipeline.py $(PIPELINE_FLAGS)
@@ -50,4 +63,4 @@ manifests: $(STAMP)
 	$(PY) manifests/generate.py
 
 clean:
-	rm -rf $(VENV) $(WORKDIR) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(WORKDIR) build *.egg-info .pytest_cache $(CLUSTER_DIR)

@@ -22,6 +22,8 @@ from resnet_imagenet.config import RESNET_DEPTHS
 from resnet_imagenet.errors import UserError
 
 BACKENDS = ("tfjob", "trainjob", "local")
+# The backends whose pods run on the cluster: a TFJob (training-operator v1) or a TrainJob
+# (Kubeflow Trainer v2), with the same flags and the same contract.
 KUBERNETES_BACKENDS = ("tfjob", "trainjob")
 # The train step's pod deadline is the longest allowed training plus this: time for the launcher
 # to delete the TFJob/TrainJob after its own timeout and to fail the step cleanly.
@@ -130,12 +132,13 @@ def validate(
             raise UserError(f"pipeline parameter {name} is empty: give a gs://BUCKET/PATH URI")
         storage.scheme(uri)  # refuses unknown schemes with its own one-line message
     if train_backend in KUBERNETES_BACKENDS:
+        kind = "TFJob" if train_backend == "tfjob" else "TrainJob"
         for name in ("data_tfrecord_uri", "data_model_uri"):
             if name in uris and not storage.is_remote(uris[name]):
                 raise UserError(
                     f"pipeline parameter {name}={uris[name]!r} is a local path, which the "
-                    f"{train_backend} backend's pods cannot see: use object storage "
-                    "(gs://BUCKET/PATH)"
+                    f"{kind}'s pods cannot see: use object storage (gs://BUCKET/PATH) with the "
+                    f"{train_backend} backend"
                 )
     for name, items in (tolerations or {}).items():
         for toleration in items or ():
@@ -267,13 +270,14 @@ def launch_argv(
 ) -> list[str]:
     """``resnet-imagenet launch ... -- <train flags>`` from the pipeline's parameters.
 
-    ``run_id`` (the KFP run id) names the TFJob/TrainJob, so a retried launcher step
+    ``run_id`` (the KFP run id) names the TFJob or TrainJob, so a retried launcher step
     re-attaches to the job its first attempt created instead of starting a second one. Node
     pool selection and tolerations (Kubernetes toleration dicts, turned into the launcher's
     ``KEY[=VALUE][:EFFECT]`` by :func:`toleration_flag`; the launcher adds the
-    ``nvidia.com/gpu`` one by itself) apply to the training pods, which run as
+    ``nvidia.com/gpu`` one by itself) apply to the job's pods, which run as
     ``service_account`` (the identity that reaches the bucket) and, with ``gcs_secret``, get
-    that Secret's key file; the launcher step itself requests no GPU.
+    that Secret's key file; the launcher step itself requests no GPU. Both cluster backends
+    take the same flags.
     """
     argv = [
         "launch",

@@ -11,7 +11,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import pytest  # noqa: E402
 
-pytest_plugins = ["tests.support.gcs", "tests.support.model_dir"]
+pytest_plugins = ["tests.support.gcs", "tests.support.model_dir", "tests.support.cluster"]
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/versions.env"
 CACHE=${RESNET_IMAGENET_CACHE:-$HOME/.cache/resnet-imagenet}
 export CGO_ENABLED=0 GOFLAGS=-buildvcs=false
-command -v go >/dev/null || { echo "error: go not found on PATH: install Go >= 1.26 (https://go.dev/dl) to build the test control plane" >&2; exit 2; }
 
 dir_of() {  # dir_of NAME -> the cache directory for its pinned version
   case "$1" in
@@ -113,8 +112,12 @@ build_one() {
 }
 
 if [ "${1:-}" = "--print-dir" ]; then shift; for n in "$@"; do dir_of "$n"; done; exit 0; fi
+[ $# -gt 0 ] || set -- kubernetes etcd kwok training-operator jobset trainer
+missing=()
+for n in "$@"; do out=$(dir_of "$n") || exit 2; [ -d "$out" ] || missing+=("$n"); done
+[ ${#missing[@]} -gt 0 ] || exit 0   # all built: nothing to do, Go not needed
+command -v go >/dev/null || { echo "error: go not found on PATH: install Go >= 1.26 (https://go.dev/dl) to build the test control plane (${missing[*]})" >&2; exit 2; }
 mkdir -p "$CACHE"
 exec 9>"$CACHE/build.lock"   # one build at a time per machine: a second caller waits, then finds it built
 flock 9
-[ $# -gt 0 ] || set -- kubernetes etcd kwok training-operator jobset trainer
-for n in "$@"; do build_one "$n"; done
+for n in "${missing[@]}"; do build_one "$n"; done

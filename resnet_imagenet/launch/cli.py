@@ -1,4 +1,4 @@
-"""Run `resnet-imagenet train` as a Kubeflow TFJob, or as N local worker processes.
+"""Run `resnet-imagenet train` as a Kubeflow TFJob or TrainJob, or as N local worker processes.
 
 Everything after '--' goes to `resnet-imagenet train` unchanged; it must name --data-dir and
 --model-dir. Examples:
@@ -12,14 +12,18 @@ Everything after '--' goes to `resnet-imagenet train` unchanged; it must name --
   # the manifest only, for kubectl apply -f -
   resnet-imagenet launch --dry-run --workers 2 -- --data-dir gs://B/d --model-dir gs://B/m
 
+  # the same on Kubeflow Trainer v2: a TrainJob on the resnet-imagenet-tensorflow runtime
+  resnet-imagenet launch --backend trainjob --workers 4 --gpus-per-worker 1 -- \\
+      --data-dir gs://BUCKET/imagenet/tfrecords --model-dir gs://BUCKET/runs/r50
+
   # the same contract on this machine: 2 processes with TF_CONFIG on 127.0.0.1
   resnet-imagenet launch --backend local --workers 2 -- --data-dir D --model-dir M
 
-The tfjob backend waits for the TFJob to finish and streams worker 0's log. Exit status: 0 when
-training succeeded; 1 when it failed (the failed replica's last log lines are printed); 124
-after --timeout and 143 on SIGTERM, both once the TFJob is deleted (the local backend stops its
-processes instead); 2 on bad input, before anything is created. With the same --run-id (by
-default $KFP_RUN_ID) a restarted launcher re-attaches to its TFJob instead of starting another.
+The tfjob and trainjob backends wait for the job to finish and stream worker 0's log. Exit
+status: 0 when training succeeded; 1 when it failed (the failed replica's last log lines are
+printed); 124 after --timeout and 143 on SIGTERM, both once the job is deleted (the local backend
+stops its processes instead); 2 on bad input, before anything is created. With the same --run-id
+(by default $KFP_RUN_ID) a restarted launcher re-attaches to its job instead of starting another.
 """
 
 from __future__ import annotations
@@ -29,13 +33,15 @@ import math
 import os
 import sys
 
-from resnet_imagenet.launch import local, tfjob
+from resnet_imagenet.launch import cluster, local, tfjob, trainjob
+
+BACKENDS = ("tfjob", "trainjob", "local")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=("tfjob", "local"), default="tfjob",
-                        help="a TFJob on the current Kubernetes cluster (default), or local "
-                        "processes")
+    parser.add_argument("--backend", choices=BACKENDS, default="tfjob",
+                        help="a TFJob (training-operator v1, default) or a TrainJob (Kubeflow "
+                        "Trainer v2) on the current Kubernetes cluster, or local processes")
     parser.add_argument("--workers", type=int, default=1, help="worker replicas (default 1); "
                         "worker 0 is the chief")
     parser.add_argument("--gpus-per-worker", type=int, default=0,
@@ -91,17 +97,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="restarts before the job fails (default %(default)s)")
     job.add_argument("--ttl-seconds-after-finished", type=int, default=86_400,
                      help="delete the finished TFJob after this long (default one day)")
-    job.add_argument("--poll-interval", type=float, default=tfjob.DEFAULT_POLL_INTERVAL,
+    job.add_argument("--poll-interval", type=float, default=cluster.DEFAULT_POLL_INTERVAL,
                      metavar="SECONDS", help="how often to check the TFJob (default %(default)s)")
-    job.add_argument("--log-tail", type=int, default=tfjob.DEFAULT_LOG_TAIL, metavar="LINES",
+    job.add_argument("--log-tail", type=int, default=cluster.DEFAULT_LOG_TAIL, metavar="LINES",
                      help="log lines shown of each failed replica (default %(default)s)")
     parser.add_argument("train_args", nargs="*", metavar="-- TRAIN_FLAGS",
                         help="flags of 'resnet-imagenet train'")
 
 
-def tfjob_options(args: argparse.Namespace) -> tfjob.TFJobOptions:
-    """The TFJob options the flags describe (validated when the manifest is built)."""
-    return tfjob.TFJobOptions(
+def tfjob_options(args: argparse.Namespace, options=tfjob.TFJobOptions) -> tfjob.TFJobOptions:
+    """The TFJob (or, with ``options=TrainJobOptions``, TrainJob) options the flags describe
+    (validated when the manifest is built)."""
+    return options(
         name=args.name or tfjob.job_name(args.run_id),
         train_args=list(args.train_args),
         namespace=args.namespace,
@@ -133,10 +140,18 @@ def run(args: argparse.Namespace) -> int:
         return local.launch_local(
             args.train_args, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
             evaluator=args.evaluator, timeout=args.timeout, dry_run=args.dry_run)
+    if args.backend == "trainjob":
+        opts = tfjob_options(args, trainjob.TrainJobOptions)
+        if args.dry_run:
+            sys.stdout.write(trainjob.trainjob_yaml(opts))
+            return 0
+        return cluster.launch_trainjob(
+            opts, kubeconfig=args.kubeconfig, context=args.context, timeout=args.timeout,
+            poll_interval=args.poll_interval, log_tail=args.log_tail)
     opts = tfjob_options(args)
     if args.dry_run:
         sys.stdout.write(tfjob.tfjob_yaml(opts))
         return 0
-    return tfjob.launch_tfjob(
+    return cluster.launch_tfjob(
         opts, kubeconfig=args.kubeconfig, context=args.context, timeout=args.timeout,
         poll_interval=args.poll_interval, log_tail=args.log_tail)

@@ -30,7 +30,7 @@ import uuid
 import pytest
 
 from resnet_imagenet import cli
-from resnet_imagenet.launch import tfjob
+from resnet_imagenet.launch import cluster, tfjob
 from tests.unit.test_manifests import kubectl
 
 pytestmark = pytest.mark.e2e
@@ -43,7 +43,7 @@ TINY_TRAINING = ["--resnet-size", "18", "--image-size", "32", "--batch-size", "8
 
 @pytest.fixture(scope="module")
 def api():
-    client, _ = tfjob.connect()
+    client, _ = cluster.connect()
     return client
 
 
@@ -115,7 +115,7 @@ def tfjobs(api, namespace: str) -> list[dict]:
 def test_two_workers_train_and_a_second_launch_reattaches(api, namespace, data):
     opts = options(namespace, "resnet-e2e-train", train_steps=4)
     output = io.StringIO()
-    status = tfjob.launch_tfjob(opts, api_client=api, timeout=1200, poll_interval=5,
+    status = cluster.launch_tfjob(opts, api_client=api, timeout=1200, poll_interval=5,
                                 output=output)
     assert status == 0, output.getvalue()[-3000:]
     assert "[worker-0] " in output.getvalue()  # the chief's log came through
@@ -124,7 +124,7 @@ def test_two_workers_train_and_a_second_launch_reattaches(api, namespace, data):
                for c in job["status"]["conditions"])
 
     # The same run again (a restarted launcher): the finished TFJob is found, not recreated.
-    assert tfjob.launch_tfjob(opts, api_client=api, timeout=60, poll_interval=5) == 0
+    assert cluster.launch_tfjob(opts, api_client=api, timeout=60, poll_interval=5) == 0
     assert [j["metadata"]["uid"] for j in tfjobs(api, namespace)] == [job["metadata"]["uid"]]
 
 
@@ -132,7 +132,7 @@ def test_timeout_deletes_the_tfjob_and_its_pods(api, namespace, data):
     from kubernetes import client
 
     opts = options(namespace, "resnet-e2e-timeout", train_steps=1_000_000)
-    assert tfjob.launch_tfjob(opts, api_client=api, timeout=60, poll_interval=5) == 124
+    assert cluster.launch_tfjob(opts, api_client=api, timeout=60, poll_interval=5) == 124
     selector = f"{tfjob.JOB_NAME_LABEL}={opts.name}"
     core = client.CoreV1Api(api)
     wait_for(lambda: not any(j["metadata"]["name"] == opts.name for j in tfjobs(api, namespace))

@@ -20,7 +20,7 @@ import pytest
 
 from resnet_imagenet import cli
 from resnet_imagenet.errors import UserError
-from resnet_imagenet.launch import schema, tfjob
+from resnet_imagenet.launch import cluster, schema, tfjob
 from resnet_imagenet.launch.local import free_ports
 from tests.support.kube import kube  # noqa: F401  (the fixture)
 
@@ -42,7 +42,7 @@ def launching(kube, opts, **kwargs):
     output = io.StringIO()
     kwargs.setdefault("timeout", 30)  # a failing test ends instead of waiting forever
     with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(tfjob.launch_tfjob, opts, api_client=kube.api_client(),
+        future = pool.submit(cluster.launch_tfjob, opts, api_client=kube.api_client(),
                              poll_interval=POLL, output=output, **kwargs)
         yield future, output
 
@@ -174,7 +174,7 @@ def test_a_restarted_launcher_reattaches_to_its_tfjob(kube, monkeypatch):
 def test_a_tfjob_of_the_same_name_with_another_spec_is_refused_and_left_alone(kube):
     kube.put_tfjob(tfjob.build_tfjob(options(workers=4)))
     with pytest.raises(UserError, match="already exists with a different spec"):
-        tfjob.launch_tfjob(options(workers=2), api_client=kube.api_client(), poll_interval=POLL)
+        cluster.launch_tfjob(options(workers=2), api_client=kube.api_client(), poll_interval=POLL)
     assert kube.tfjob(NS, "resnet-test")["spec"]["tfReplicaSpecs"]["Worker"]["replicas"] == 4
     assert kube.requests_to("DELETE") == []
 

@@ -96,9 +96,14 @@ def test_a_cluster_training_timeout_must_end_before_the_train_steps_deadline(tim
     pipeline_params.validate(**{**REFERENCE, "train_timeout_seconds": 14 * 24 * 3600})
 
 
-def test_tfjob_backend_needs_object_storage_for_data_and_model():
-    message = refusal(uris={**REFERENCE["uris"], "data_model_uri": "/mnt/model"})
-    assert message.startswith("pipeline parameter data_model_uri='/mnt/model' is a local path")
+@pytest.mark.parametrize("backend, kind", [("tfjob", "TFJob"), ("trainjob", "TrainJob")])
+def test_cluster_backends_need_object_storage_for_data_and_model(backend, kind):
+    pipeline_params.validate(**{**REFERENCE, "train_backend": backend})
+    message = refusal(train_backend=backend,
+                      uris={**REFERENCE["uris"], "data_model_uri": "/mnt/model"})
+    assert message == (f"pipeline parameter data_model_uri='/mnt/model' is a local path, which "
+                       f"the {kind}'s pods cannot see: use object storage (gs://BUCKET/PATH) "
+                       f"with the {backend} backend")
 
 
 def test_uri_schemes_and_empty_uris():
@@ -168,14 +173,15 @@ def test_convert_argv_is_accepted_by_convert():
     assert final.finalize and final.output_dir == "gs://b/t"
 
 
-def test_launch_argv_is_accepted_by_launch():
+@pytest.mark.parametrize("backend", ["tfjob", "trainjob"])
+def test_launch_argv_is_accepted_by_launch(backend):
     train = pipeline_params.train_argv(
         data_uri="gs://b/t", model_uri="gs://b/m", resnet_size=50, num_classes=1000,
         image_size=224,
         batch_size=256, train_steps=500_000, checkpoint_every=5000,
         extra=["--lr-schedule", "cosine"])
     argv = pipeline_params.launch_argv(
-        backend="tfjob", workers=4, gpus_per_worker=1, evaluator=True,
+        backend=backend, workers=4, gpus_per_worker=1, evaluator=True,
         trainer_image="reg/resnet-imagenet-trainer:1.0", namespace="team",
         run_id="run-123", timeout_seconds=3600,
         gpu_node_selector={"cloud.google.com/gke-accelerator": "nvidia-tesla-v100"},
@@ -186,20 +192,29 @@ def test_launch_argv_is_accepted_by_launch():
     assert (args.backend, args.workers, args.gpus_per_worker, args.evaluator, args.image,
             args.namespace, args.run_id, args.timeout, args.service_account,
             args.gcs_secret) == (
-        "tfjob", 4, 1, True, "reg/resnet-imagenet-trainer:1.0", "team", "run-123", 3600.0,
+        backend, 4, 1, True, "reg/resnet-imagenet-trainer:1.0", "team", "run-123", 3600.0,
         "resnet-imagenet", "resnet-imagenet-gcp-key")
     assert args.node_selector == ["cloud.google.com/gke-accelerator=nvidia-tesla-v100"]
     assert args.toleration == ["dedicated=ml:NoSchedule"]
     assert args.train_args == train
-    # The TFJob the launcher would create from these flags: GPUs on the workers only.
-    from resnet_imagenet.launch import cli as launch_cli, tfjob
+    # The job the launcher would create from these flags: GPUs on the workers.
+    from resnet_imagenet.launch import cli as launch_cli, tfjob, trainjob
 
-    job = tfjob.build_tfjob(launch_cli.tfjob_options(args))
-    worker = job["spec"]["tfReplicaSpecs"]["Worker"]
-    assert worker["replicas"] == 4
-    pod = worker["template"]["spec"]
+    if backend == "tfjob":
+        job = tfjob.build_tfjob(launch_cli.tfjob_options(args))
+        worker = job["spec"]["tfReplicaSpecs"]["Worker"]
+        replicas, pod = worker["replicas"], worker["template"]["spec"]
+        limits = pod["containers"][0]["resources"]["limits"]
+    else:
+        job = trainjob.build_trainjob(launch_cli.tfjob_options(args, trainjob.TrainJobOptions))
+        replicas, limits = (job["spec"]["trainer"]["numNodes"],
+                            job["spec"]["trainer"]["resourcesPerNode"]["limits"])
+        (patch,) = job["spec"]["runtimePatches"]
+        pod = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+            "template"]["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == "resnet-imagenet"
+    assert replicas == 4 and int(limits["nvidia.com/gpu"]) == 1
     assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-tesla-v100"}
-    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert {"key": "dedicated", "operator": "Equal", "value": "ml",
             "effect": "NoSchedule"} in pod["tolerations"]
     assert {"name": "gcs-key",

@@ -9,7 +9,7 @@ import yaml
 
 from resnet_imagenet import cli
 from resnet_imagenet.errors import UserError
-from resnet_imagenet.launch import schema, tfjob
+from resnet_imagenet.launch import cluster, schema, tfjob
 
 TRAIN = ["--data-dir", "gs://bucket/tfrecords", "--model-dir", "gs://bucket/model",
          "--batch-size", "256"]
@@ -210,11 +210,11 @@ def test_dry_run_prints_the_manifest_for_kubectl(capsys, monkeypatch):
 def test_owner_reference_to_the_launcher_pod(monkeypatch, caplog):
     for key in ("POD_NAME", "POD_UID", "KFP_POD_NAME", "KFP_POD_UID", "POD_NAMESPACE"):
         monkeypatch.delenv(key, raising=False)
-    assert tfjob.launcher_pod_owner("ml") is None  # not in a pod
+    assert cluster.launcher_pod_owner("ml") is None  # not in a pod
     monkeypatch.setenv("KFP_POD_NAME", "run-abc-train-123")
     monkeypatch.setenv("KFP_POD_UID", "0b7e-uid")
     monkeypatch.setenv("POD_NAMESPACE", "ml")
-    assert tfjob.launcher_pod_owner("ml") == {
+    assert cluster.launcher_pod_owner("ml") == {
         "apiVersion": "v1", "kind": "Pod", "name": "run-abc-train-123", "uid": "0b7e-uid"}
-    assert tfjob.launcher_pod_owner("other") is None  # owners cannot cross namespaces
+    assert cluster.launcher_pod_owner("other") is None  # owners cannot cross namespaces
     assert "no ownerReference" in caplog.text
