@@ -45,7 +45,7 @@ def test_trainjob_backend_is_accepted_and_needs_object_storage_too():
     message = refusal(train_backend="trainjob",
                       uris={**REFERENCE["uris"], "data_tfrecord_uri": "/mnt/t"})
     assert message.startswith("pipeline parameter data_tfrecord_uri='/mnt/t' is a local path, "
-                              "which the trainjob backend's pods cannot see")
+                              "which the TrainJob's pods cannot see")
 
 
 @pytest.mark.parametrize("workers", [0, -3])
