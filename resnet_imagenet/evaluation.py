@@ -87,7 +87,8 @@ def build_model(config: config_lib.TrainConfig):
 
     with float32_policy():
         return build_resnet(config.resnet_size, config.num_classes, config.image_size,
-                            config.zero_init_residual)
+                            config.zero_init_residual, bn_momentum=config.bn_momentum,
+                            bn_epsilon=config.bn_epsilon)
 
 
 def resolve_checkpoint(model_dir: str, checkpoint: str | None = None) -> str:
