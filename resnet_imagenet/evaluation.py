@@ -241,7 +241,11 @@ class Evaluator:
         self.data_dir = storage.normalize(data_dir)
         self.model_dir = storage.normalize(model_dir)
         self.config = config_lib.load(self.model_dir)
-        self.label_map = labels_lib.load(self.model_dir)
+        # A model trained from shards without labels.txt before its trainer rebuilt the map
+        # from the records has no labels.json: rebuild it here (the records carry the names).
+        self.label_map = (labels_lib.load(self.model_dir)
+                          or labels_lib.from_data_dir(self.data_dir)
+                          or labels_lib.from_records(self.data_dir, self.config.num_classes))
         files = validation_files(self.data_dir)
         self.expected_images = _expected_images(self.data_dir)
         self.dataset = pipeline.eval_dataset(

@@ -293,7 +293,10 @@ def make_batch_norm_average(strategy, model):
 
     def average():
         context = tf.distribute.get_replica_context()
-        means = context.all_reduce(tf.distribute.ReduceOp.MEAN, [v.value for v in statistics])
+        # tf.identity: this replica's values as plain tensors (under MultiWorkerMirroredStrategy
+        # an all-reduce of the variables themselves has no destinations).
+        means = context.all_reduce(tf.distribute.ReduceOp.MEAN,
+                                   [tf.identity(v.value) for v in statistics])
         for variable, mean in zip(statistics, means):
             variable.assign(mean)
 
@@ -572,7 +575,7 @@ class _Trainer:
         if cluster.is_chief:
             storage.makedirs(config.model_dir)
             config_lib.save(config, config.model_dir)
-            labels_lib.copy_to_model(config.data_dir, config.model_dir)
+            labels_lib.copy_to_model(config.data_dir, config.model_dir, config.num_classes)
         validation_pattern = tfrecord.shard_pattern(config.data_dir, "validation")
         self.validation_pattern = validation_pattern if storage.glob(validation_pattern) else ""
         if cluster.is_chief and not self.validation_pattern:
