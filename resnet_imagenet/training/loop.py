@@ -307,7 +307,7 @@ def make_batch_norm_average(strategy, model):
     return average_batch_norm_statistics
 
 
-def _bad_label_error(exc, config: TrainConfig) -> UserError | None:
+def _bad_label_error(exc) -> UserError | None:
     """The one-line error for the pipeline's bad-label stop, or None for any other error."""
     match = pipeline.BAD_LABEL_RE.search(getattr(exc, "message", "") or str(exc))
     if not match:
@@ -315,7 +315,7 @@ def _bad_label_error(exc, config: TrainConfig) -> UserError | None:
     label, classes, path = int(match.group(1)), int(match.group(2)), match.group(3)
     return UserError(
         f"training shard {path} holds a record with label {label}, outside 1..{classes}: "
-        f"labels are 1..N (0 is unused); pass --num-classes N for data with N classes, or "
+        "labels are 1..N (0 is unused); pass --num-classes N for data with N classes, or "
         "convert the data again")
 
 
@@ -398,8 +398,9 @@ class _Trainer:
         # Per replica, (epoch, index) of the last example it consumed: where to resume. Saved,
         # not restored (a checkpoint of another replica count has another shape): read back
         # by _restore.
-        self.input_positions = tf.Variable(tf.fill([self.replicas, 2], tf.constant(-1.0, tf.float64)),
-                                           trainable=False, name="input_positions")
+        self.input_positions = tf.Variable(
+            tf.fill([self.replicas, 2], tf.constant(-1.0, tf.float64)), trainable=False,
+            name="input_positions")
         self.gather_positions = self._make_gather_positions()
         # The plain SGD is checkpointed (momentum buffers), not the loss-scale wrapper: a run
         # can then resume under another precision; the loss scale re-adapts within steps.
@@ -656,7 +657,7 @@ class _Trainer:
                 try:
                     totals, position = train_step(iterator, tf.constant(float(stop.requested)))
                 except tf.errors.InvalidArgumentError as exc:
-                    error = _bad_label_error(exc, config)
+                    error = _bad_label_error(exc)
                     if error is None:
                         raise
                     raise error from None
