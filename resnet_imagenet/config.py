@@ -15,6 +15,12 @@ from resnet_imagenet.errors import UserError
 
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 
+# The reference recipe, at its global batch of 256: 500k steps (~100 epochs of ImageNet), the
+# learning rate x0.1 at 150k, 300k, 400k and 450k steps.
+REFERENCE_BATCH = 256
+RECIPE_STEPS = 500_000
+RECIPE_BOUNDARIES = (150_000, 300_000, 400_000, 450_000)
+
 
 @dataclass
 class TrainConfig:
@@ -26,18 +32,20 @@ class TrainConfig:
     # model
     resnet_size: int = 50
     zero_init_residual: bool = False
+    bn_momentum: float = 0.997  # the reference recipe's batch norm
+    bn_epsilon: float = 1e-5
     # optimisation: the reference recipe
     batch_size: int = 256  # global, over all replicas
-    train_steps: int = 500_000
+    train_steps: int = 0  # 0 = the recipe's length: 500,000 steps at batch 256 (see effective())
     optimizer: str = "sgd"
     momentum: float = 0.9
     base_learning_rate: float = 0.1  # at the reference batch of 256
     lr_schedule: str = "step"  # "step" | "cosine"
-    lr_boundaries: list[int] = field(default_factory=lambda: [150_000, 300_000, 400_000, 450_000])
+    lr_boundaries: list[int] = field(default_factory=list)  # [] = the recipe's (effective())
     lr_decay_factor: float = 0.1
     boundaries_unit: str = "steps"  # "steps" | "epochs"
     num_train_images: int = 0  # 0 = from DATA/manifest.json, else counted (epochs need it)
-    scale_lr_with_batch: bool = False  # large-batch recipe: lr = base * batch / 256
+    scale_lr_with_batch: bool = True  # lr = base * batch / 256; the recipe keeps its epochs
     warmup_epochs: float = 0.0
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
@@ -61,7 +69,7 @@ class TrainConfig:
                 f"--resnet-size {self.resnet_size} is not a ResNet depth: use one of "
                 + ", ".join(map(str, RESNET_DEPTHS))
             )
-        for name in ("batch_size", "train_steps", "image_size", "num_classes"):
+        for name in ("batch_size", "image_size", "num_classes"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.lr_schedule not in ("step", "cosine"):
@@ -86,11 +94,33 @@ class TrainConfig:
         for name in ("log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("checkpoint_every", "eval_every", "num_train_images", "warmup_epochs",
+        if not 0.0 <= self.bn_momentum < 1.0:
+            raise UserError("--bn-momentum must be in [0, 1)")
+        if self.bn_epsilon <= 0:
+            raise UserError("--bn-epsilon must be positive")
+        for name in ("train_steps", "checkpoint_every", "eval_every", "num_train_images", "warmup_epochs",
                      "weight_decay", "base_learning_rate", "momentum"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must not be negative")
         return self
+
+    def effective(self) -> "TrainConfig":
+        """The settings a run uses: the recipe's length and boundaries filled in for this batch.
+
+        ``train_steps`` 0 and an empty ``lr_boundaries`` stand for the reference recipe, which
+        is defined at a global batch of 256. With ``scale_lr_with_batch`` (the default) the
+        recipe keeps its length in epochs: at batch B its steps and boundaries are multiplied by
+        256 / B (and the learning rate by B / 256, see ``schedules``); without it they stay the
+        reference's steps. Explicit values are steps of this run and are kept as given.
+        """
+        ratio = REFERENCE_BATCH / self.batch_size if self.scale_lr_with_batch else 1.0
+        changes: dict = {}
+        if not self.train_steps:
+            changes["train_steps"] = max(1, round(RECIPE_STEPS * ratio))
+        if not self.lr_boundaries and self.lr_schedule == "step":
+            changes["lr_boundaries"] = [max(1, round(b * ratio)) for b in RECIPE_BOUNDARIES]
+            changes["boundaries_unit"] = "steps"
+        return self.updated(**changes) if changes else self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -131,7 +161,8 @@ def _coerce(name: str, value, default, source: str):
     if isinstance(default, list):
         if not isinstance(value, list):
             fail()
-        return [_coerce(name, v, default[0], source) for v in value] if default else list(value)
+        # The one list setting, lr_boundaries, holds ints (steps or epochs).
+        return [_coerce(name, v, default[0] if default else 0, source) for v in value]
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail()

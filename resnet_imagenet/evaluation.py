@@ -87,7 +87,8 @@ def build_model(config: config_lib.TrainConfig):
 
     with float32_policy():
         return build_resnet(config.resnet_size, config.num_classes, config.image_size,
-                            config.zero_init_residual)
+                            config.zero_init_residual, bn_momentum=config.bn_momentum,
+                            bn_epsilon=config.bn_epsilon)
 
 
 def resolve_checkpoint(model_dir: str, checkpoint: str | None = None) -> str:
@@ -240,7 +241,11 @@ class Evaluator:
         self.data_dir = storage.normalize(data_dir)
         self.model_dir = storage.normalize(model_dir)
         self.config = config_lib.load(self.model_dir)
-        self.label_map = labels_lib.load(self.model_dir)
+        # A model trained from shards without labels.txt before its trainer rebuilt the map
+        # from the records has no labels.json: rebuild it here (the records carry the names).
+        self.label_map = (labels_lib.load(self.model_dir)
+                          or labels_lib.from_data_dir(self.data_dir)
+                          or labels_lib.from_records(self.data_dir, self.config.num_classes))
         files = validation_files(self.data_dir)
         self.expected_images = _expected_images(self.data_dir)
         self.dataset = pipeline.eval_dataset(

@@ -1,16 +1,19 @@
 """tf.data input pipelines: Inception TFRecord shards -> batches of (uint8 images, int32 labels).
 
-Train, per input pipeline (one per worker under MultiWorkerMirroredStrategy):
+Train, per input pipeline (one per worker under MultiWorkerMirroredStrategy), per epoch:
 
     this worker's files, reshuffled every epoch (a pure function of seed and epoch)
-      -> parallel interleave of TFRecord readers -> record shuffle buffer
-      -> parallel parse + crop-fused decode + flip + resize  (``preprocessing.preprocess_train``)
-      -> batch (drop_remainder) -> prefetch
+      -> deterministic interleave of 16 TFRecord readers -> record shuffle buffer (seeded by
+         seed and epoch) -> numbered: each record's position is (epoch, index in the epoch)
+then -> parallel parse + crop-fused decode + flip + resize  (``preprocessing.preprocess_train``)
+     -> label check -> batch (drop_remainder) -> prefetch
 
 The stream never ends (epoch after epoch): every worker can take exactly as many steps as the
 others whatever its share of records, which is what the collectives of multi-worker training
-require. ``start_epoch`` restarts the file order at an epoch, so a resumed run reads the files
-in the order the interrupted one would have.
+require. Its order of examples is a pure function of the seed (every stage is deterministic),
+so a resumed run that starts at the epoch and index after the last example it consumed
+(``start_epoch``, ``skip``; skipped records are read, not decoded) sees exactly the batches the
+uninterrupted run would have seen. The images' random crops and flips are drawn anew.
 
 Workers read disjoint files: with an ``input_context`` (given by
 ``strategy.distribute_datasets_from_function``) pipeline ``i`` of ``n`` takes files
@@ -34,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -52,6 +56,7 @@ READ_BUFFER_BYTES = 8 << 20  # per open shard: large sequential reads suit GCS a
 DECODE_WINDOW = 32  # records decoded together (the unit of the failure count)
 MAX_EPOCHS = 1 << 40  # "forever": the training loop decides when to stop
 DATA_SERVICE_JOB = "resnet-imagenet-train"
+READ_CYCLE = 16  # training shards read at once, in turn
 
 
 def list_files(file_pattern: str) -> list[str]:
@@ -91,13 +96,32 @@ def epoch_files(files: list[str], seed: int, start_epoch: int = 0) -> tf.data.Da
     """File names epoch after epoch, from ``start_epoch`` on; epoch e's order depends only on
     (seed, e), so a run resumed at epoch e reads the files as the interrupted run would have."""
     files = tf.constant(files)
+    return tf.data.Dataset.range(start_epoch, MAX_EPOCHS).flat_map(
+        lambda epoch: tf.data.Dataset.from_tensor_slices(_file_order(files, seed, epoch)))
 
-    def one_epoch(epoch):
-        order = tf.random.experimental.stateless_shuffle(
-            files, seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
-        return tf.data.Dataset.from_tensor_slices(order)
 
-    return tf.data.Dataset.range(start_epoch, MAX_EPOCHS).flat_map(one_epoch)
+def _file_order(files: tf.Tensor, seed: int, epoch) -> tf.Tensor:
+    return tf.random.experimental.stateless_shuffle(
+        files, seed=tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)]))
+
+
+# A position in a training stream: epoch << POSITION_BITS | index of the record in the epoch.
+POSITION_BITS = 40
+
+
+def position(epoch: int, index: int) -> int:
+    return (epoch << POSITION_BITS) | index
+
+
+def split_position(value: int) -> tuple[int, int]:
+    """(epoch, index in the epoch) of a stream position."""
+    return value >> POSITION_BITS, value & ((1 << POSITION_BITS) - 1)
+
+
+def _records(path):
+    """A shard's records, each with the shard's name (for error messages)."""
+    return tf.data.TFRecordDataset(path, buffer_size=READ_BUFFER_BYTES).map(
+        lambda record: (path, record))
 
 
 def _read_records(files_ds: tf.data.Dataset, deterministic: bool) -> tf.data.Dataset:
@@ -109,18 +133,42 @@ def _read_records(files_ds: tf.data.Dataset, deterministic: bool) -> tf.data.Dat
     )
 
 
-def _decode_counting_failures(records: tf.data.Dataset, decode, image_size: int,
-                              deterministic: bool) -> tf.data.Dataset:
-    """``records`` (serialized Examples) -> decoded elements; undecodable ones dropped, counted.
+def _training_records(files: list[str], seed: int, start_epoch: int, skip: int,
+                      shuffle_buffer: int) -> tf.data.Dataset:
+    """``(position, shard path, serialized)`` epoch after epoch, in an order that is a pure
+    function of ``seed``: each epoch's files in their (seed, epoch) order, read
+    ``READ_CYCLE`` at a time (a fixed count: AUTOTUNE would depend on the machine), records
+    shuffled within the epoch with a (seed, epoch) seed, then numbered. A resumed stream starts
+    at ``start_epoch`` and drops the first ``skip`` records of it before anything is decoded.
+    """
+    files_t = tf.constant(files)
+    cycle = min(READ_CYCLE, len(files))
+
+    def one_epoch(epoch):
+        records = tf.data.Dataset.from_tensor_slices(_file_order(files_t, seed, epoch)).interleave(
+            _records, cycle_length=cycle, num_parallel_calls=cycle, deterministic=True)
+        if shuffle_buffer > 1:
+            records = records.shuffle(shuffle_buffer, seed=seed * 1_000_003 + epoch)
+        return records.enumerate().map(
+            lambda index, record: (tf.bitwise.left_shift(epoch, POSITION_BITS) + index, *record))
+
+    stream = tf.data.Dataset.range(start_epoch, MAX_EPOCHS).flat_map(one_epoch)
+    return stream.skip(skip) if skip else stream
+
+
+def _decode_counting_failures(records: tf.data.Dataset, decode, empty: tuple,
+                              deterministic: bool, check=None) -> tf.data.Dataset:
+    """``records`` (tuples whose components ``decode`` takes) -> decoded elements; undecodable
+    ones dropped, counted.
 
     Records are taken ``DECODE_WINDOW`` at a time. Inside a window, ``ignore_errors`` drops
     the records whose ``decode`` fails and the survivors are batched back into one element,
-    padded by an empty batch so that a window whose records all fail still yields its count.
-    Windows are decoded in parallel (the interleave is the pipeline's parallel map).
+    padded by ``empty`` (a batch of none) so that a window whose records all fail still yields
+    its count. Windows are decoded in parallel (the interleave is the pipeline's parallel map).
+    ``check`` sees each decoded window (labels second) and returns what goes on.
     """
-    empty = (tf.zeros([0, image_size, image_size, 3], tf.uint8), tf.zeros([0], tf.int32))
 
-    def decode_window(window):
+    def decode_window(*window):
         survivors = (
             tf.data.Dataset.from_tensor_slices(window)
             .map(decode)
@@ -128,10 +176,12 @@ def _decode_counting_failures(records: tf.data.Dataset, decode, image_size: int,
             .batch(DECODE_WINDOW)
         )
         decoded = survivors.concatenate(tf.data.Dataset.from_tensors(empty)).take(1)
-        return decoded.map(lambda images, labels: (images, labels, tf.size(window)))
+        size = tf.shape(window[0])[0]
+        return decoded.map(lambda *element: (*element, size))
 
-    def report(images, labels, window_size):
-        dropped = window_size - tf.shape(labels)[0]
+    def report(*element):
+        *decoded, window_size = element
+        dropped = window_size - tf.shape(decoded[1])[0]
 
         def log_drop():
             tf.print("tf.data: dropped", dropped,
@@ -139,7 +189,7 @@ def _decode_counting_failures(records: tf.data.Dataset, decode, image_size: int,
             return dropped
 
         tf.cond(dropped > 0, log_drop, lambda: dropped)
-        return images, labels
+        return check(*decoded) if check else tuple(decoded)
 
     return (
         records.batch(DECODE_WINDOW)
@@ -150,17 +200,41 @@ def _decode_counting_failures(records: tf.data.Dataset, decode, image_size: int,
     )
 
 
+# In the error a training record with a bad label raises; training.loop turns it into one line.
+BAD_LABEL = "resnet-imagenet: training label out of range"
+BAD_LABEL_RE = re.compile(re.escape(BAD_LABEL) + r"\] \[(-?\d+)\] \[(\d+)\] \[(.*?)\]")
+
+
+def _label_check(num_classes: int):
+    """Stops the stream at the first record whose label is not in 1..num_classes (an all-zero
+    one-hot would train on nothing, silently): the error names the label and the shard."""
+
+    def check(images, labels, positions, paths):
+        bad = tf.logical_or(labels < 0, labels >= num_classes)
+        first = tf.argmax(tf.cast(bad, tf.int32))
+        if_any = tf.reduce_any(bad)
+        label = tf.where(if_any, tf.gather(labels, first) + 1, 0)
+        path = tf.where(if_any, tf.gather(paths, first), "")
+        tf.debugging.Assert(tf.logical_not(if_any), [BAD_LABEL, label, num_classes, path])
+        return images, labels, positions
+
+    def no_check(images, labels, positions, paths):
+        return images, labels, positions
+
+    return check if num_classes else no_check
+
+
 def _train_decoder(image_size: int, min_crop_area: float, random_flip: bool):
     area_range = (min_crop_area, preprocessing.AREA_RANGE[1])
 
     # Plain TF ops, no Python control flow: nothing for AutoGraph to convert (and it
     # mistakes the two nested ``decode`` functions of this module for one another).
     @tf.autograph.experimental.do_not_convert
-    def decode(serialized):
+    def decode(position, path, serialized):
         features = tfrecord.parse_example(serialized)
         image = preprocessing.preprocess_train(features["image"], features["bbox"], image_size,
                                                area_range=area_range, flip=random_flip)
-        return image, features["label"] - 1
+        return image, features["label"] - 1, position, path
 
     return decode
 
@@ -191,6 +265,9 @@ def train_dataset(
     shuffle_buffer: int = 10_000,
     seed: int | None = None,
     start_epoch: int = 0,
+    skip: int = 0,
+    num_classes: int = 0,
+    with_positions: bool = False,
     data_service: str = "",
     data_service_job: str = DATA_SERVICE_JOB,
     min_crop_area: float = preprocessing.AREA_RANGE[0],
@@ -199,23 +276,30 @@ def train_dataset(
     """The endless training stream of ``(uint8 [B, S, S, 3], int32 [B])`` batches.
 
     ``batch_size`` is this pipeline's batch (the per-replica batch when called from
-    ``distribute_datasets_from_function``). ``seed`` fixes the per-epoch file orders (None:
-    a random one); ``start_epoch`` is the epoch the file order starts at. ``data_service``
-    (``grpc://host:port`` or ``host:port`` of a tf.data service dispatcher) runs the pipeline on
-    service workers; every trainer of one run must use the same ``data_service_job`` (and other
-    runs another one), so that they share one stream without reading an image twice.
-    ``min_crop_area`` (the smallest crop, as a share of the image) and
-    ``random_flip`` default to the recipe.
+    ``distribute_datasets_from_function``). ``seed`` fixes the order of the examples (None:
+    a random one): the same seed gives the same sequence of examples, batch after batch (the
+    random crops and flips are drawn anew). ``start_epoch`` and ``skip`` resume a stream: it
+    starts at that epoch, past its first ``skip`` records. ``with_positions`` adds a third
+    component, int64 ``[B]``, each example's position (:func:`position`): the last one of the
+    last batch consumed is where to resume (epoch, index + 1). ``num_classes`` > 0 stops the
+    stream with an error naming the shard at a label outside 1..num_classes.
+    ``data_service`` (``grpc://host:port`` or ``host:port`` of a tf.data service dispatcher)
+    runs the pipeline on its workers instead, in ``distributed_epoch`` mode (no exact resume);
+    every trainer of one run must use the same ``data_service_job`` (and other runs another
+    one), so that they share one stream without reading an image twice. ``min_crop_area`` (the
+    smallest crop, as a share of the image) and ``random_flip`` default to the recipe.
     """
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
     files = _pipeline_files(file_pattern, input_context, sharded=not data_service)
-    records = _read_records(epoch_files(files, seed, start_epoch), deterministic=False)
-    if shuffle_buffer > 1:
-        records = records.shuffle(shuffle_buffer, seed=seed)
+    records = _training_records(files, seed, start_epoch, skip, shuffle_buffer)
+    empty = (tf.zeros([0, image_size, image_size, 3], tf.uint8), tf.zeros([0], tf.int32),
+             tf.zeros([0], tf.int64), tf.zeros([0], tf.string))
     ds = _decode_counting_failures(
-        records, _train_decoder(image_size, min_crop_area, random_flip), image_size,
-        deterministic=False)
+        records, _train_decoder(image_size, min_crop_area, random_flip), empty,
+        deterministic=True, check=_label_check(num_classes))
+    if not with_positions:
+        ds = ds.map(lambda images, labels, positions: (images, labels))
     ds = ds.batch(batch_size, drop_remainder=True)
     if data_service:
         # distributed_epoch splits the source (the epoch range) over the service workers, so
@@ -226,7 +310,7 @@ def train_dataset(
             service=data_service if "://" in data_service else f"grpc://{data_service}",
             job_name=data_service_job,
         ))
-    return ds.prefetch(AUTOTUNE).with_options(_options(deterministic=False))
+    return ds.prefetch(AUTOTUNE).with_options(_options(deterministic=True))
 
 
 def eval_dataset(
@@ -243,8 +327,9 @@ def eval_dataset(
     """
     files = _pipeline_files(file_pattern, input_context, sharded=True)
     records = _read_records(tf.data.Dataset.from_tensor_slices(files), deterministic=True)
-    ds = _decode_counting_failures(records, _eval_decoder(image_size), image_size,
-                                   deterministic=True)
+    empty = (tf.zeros([0, image_size, image_size, 3], tf.uint8), tf.zeros([0], tf.int32))
+    ds = _decode_counting_failures(records.map(lambda record: (record,)),
+                                   _eval_decoder(image_size), empty, deterministic=True)
     return ds.batch(batch_size).prefetch(AUTOTUNE).with_options(_options(deterministic=True))
 
 

@@ -2,8 +2,8 @@
 
 v1.5 is the variant the published 76% top-1 for ResNet-50 refers to: in a bottleneck block the
 stride sits on the 3x3 convolution, not on the first 1x1 (v1), which keeps 3/4 of the information
-the 1x1 would throw away. Convolutions that feed a batch norm have no bias; BN uses momentum 0.9
-and epsilon 1e-5. Strided convolutions pad explicitly and symmetrically, so the result does not
+the 1x1 would throw away. Convolutions that feed a batch norm have no bias; BN uses the reference's
+momentum 0.997 and epsilon 1e-5 unless told otherwise (short runs want a faster moving average). Strided convolutions pad explicitly and symmetrically, so the result does not
 depend on the input size's parity the way ``padding="same"`` does.
 
 The model takes **uint8** images and normalises them itself (the recipe's RGB mean subtraction),
@@ -21,7 +21,7 @@ from keras import layers
 
 # Per-channel RGB means of ImageNet (0..255), as in the reference recipe.
 RGB_MEANS = (123.68, 116.78, 103.94)
-BN_MOMENTUM = 0.9
+BN_MOMENTUM = 0.997
 BN_EPSILON = 1e-5
 
 # depth -> (block kind, blocks per stage)
@@ -54,37 +54,38 @@ def _conv(x, filters: int, kernel: int, stride: int, name: str):
     )(x)
 
 
-def _bn(x, name: str, zero_gamma: bool = False):
+def _bn(x, name: str, zero_gamma: bool = False, momentum: float = BN_MOMENTUM,
+        epsilon: float = BN_EPSILON):
     return layers.BatchNormalization(
-        momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+        momentum=momentum, epsilon=epsilon,
         gamma_initializer="zeros" if zero_gamma else "ones", name=name,
     )(x)
 
 
-def _shortcut(x, filters: int, stride: int, name: str):
+def _shortcut(x, filters: int, stride: int, name: str, bn):
     if stride == 1 and x.shape[-1] == filters:
         return x
     x = _conv(x, filters, 1, stride, f"{name}_proj")
-    return _bn(x, f"{name}_proj_bn")
+    return bn(x, f"{name}_proj_bn")
 
 
-def _basic_block(x, filters: int, stride: int, name: str, zero_init: bool):
-    shortcut = _shortcut(x, filters, stride, name)
+def _basic_block(x, filters: int, stride: int, name: str, zero_init: bool, bn=_bn):
+    shortcut = _shortcut(x, filters, stride, name, bn)
     y = _conv(x, filters, 3, stride, f"{name}_conv1")
-    y = layers.ReLU(name=f"{name}_relu1")(_bn(y, f"{name}_bn1"))
+    y = layers.ReLU(name=f"{name}_relu1")(bn(y, f"{name}_bn1"))
     y = _conv(y, filters, 3, 1, f"{name}_conv2")
-    y = _bn(y, f"{name}_bn2", zero_gamma=zero_init)
+    y = bn(y, f"{name}_bn2", zero_gamma=zero_init)
     return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([shortcut, y]))
 
 
-def _bottleneck_block(x, filters: int, stride: int, name: str, zero_init: bool):
-    shortcut = _shortcut(x, 4 * filters, stride, name)
+def _bottleneck_block(x, filters: int, stride: int, name: str, zero_init: bool, bn=_bn):
+    shortcut = _shortcut(x, 4 * filters, stride, name, bn)
     y = _conv(x, filters, 1, 1, f"{name}_conv1")
-    y = layers.ReLU(name=f"{name}_relu1")(_bn(y, f"{name}_bn1"))
+    y = layers.ReLU(name=f"{name}_relu1")(bn(y, f"{name}_bn1"))
     y = _conv(y, filters, 3, stride, f"{name}_conv2")  # v1.5: the stride is here
-    y = layers.ReLU(name=f"{name}_relu2")(_bn(y, f"{name}_bn2"))
+    y = layers.ReLU(name=f"{name}_relu2")(bn(y, f"{name}_bn2"))
     y = _conv(y, 4 * filters, 1, 1, f"{name}_conv3")
-    y = _bn(y, f"{name}_bn3", zero_gamma=zero_init)
+    y = bn(y, f"{name}_bn3", zero_gamma=zero_init)
     return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([shortcut, y]))
 
 
@@ -110,27 +111,34 @@ def build_resnet(
     image_size: int | None = None,
     zero_init_residual: bool = False,
     name: str | None = None,
+    bn_momentum: float = BN_MOMENTUM,
+    bn_epsilon: float = BN_EPSILON,
 ) -> keras.Model:
     """A ResNet v1.5 taking uint8 ``[B, H, W, 3]`` and returning float32 logits ``[B, classes]``.
 
     ``image_size`` fixes H = W in the input signature; None accepts any size (the network is
-    fully convolutional up to the global pooling). The dtype policy in force
+    fully convolutional up to the global pooling). ``bn_momentum``/``bn_epsilon`` configure
+    every batch norm. The dtype policy in force
     (``keras.mixed_precision.set_global_policy``) applies to every layer but the logits.
     """
     if depth not in BLOCKS:
         raise ValueError(f"ResNet depth must be one of {sorted(BLOCKS)}, not {depth}")
     kind, stages = BLOCKS[depth]
     block = _bottleneck_block if kind == "bottleneck" else _basic_block
+
+    def bn(x, name, zero_gamma=False):
+        return _bn(x, name, zero_gamma, momentum=bn_momentum, epsilon=bn_epsilon)
+
     inputs = keras.Input(shape=(image_size, image_size, 3), dtype="uint8", name="images")
     x = Normalize(name="normalize")(inputs)
     x = _conv(x, 64, 7, 2, "stem_conv")
-    x = layers.ReLU(name="stem_relu")(_bn(x, "stem_bn"))
+    x = layers.ReLU(name="stem_relu")(bn(x, "stem_bn"))
     x = layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
     x = layers.MaxPooling2D(3, strides=2, name="stem_pool")(x)
     for stage, (filters, blocks) in enumerate(zip(STAGE_FILTERS, stages), start=1):
         for b in range(blocks):
             stride = 2 if (b == 0 and stage > 1) else 1
-            x = block(x, filters, stride, f"stage{stage}_block{b + 1}", zero_init_residual)
+            x = block(x, filters, stride, f"stage{stage}_block{b + 1}", zero_init_residual, bn)
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     logits = layers.Dense(
         num_classes,

@@ -106,7 +106,9 @@ def restore(checkpoint, model, path: str, what: str) -> None:
     try:
         if saved_model_shapes(path) != sorted(tuple(v.shape) for v in model.weights):
             raise UserError(refusal)
-        checkpoint.restore(path).assert_existing_objects_matched()
+        # expect_partial: values the restoring objects do not hold (the input positions,
+        # read separately by the loop) are not worth a warning.
+        checkpoint.restore(path).assert_existing_objects_matched().expect_partial()
     except (AssertionError, ValueError, tf.errors.OpError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise UserError(f"{refusal} ({reason})") from None
@@ -116,7 +118,7 @@ def weights_fingerprint(model) -> str:
     """SHA-256 over the model's trainable weights, in order (identical on in-sync replicas).
 
     Batch-norm moving statistics are left out: Keras 3 keeps them per replica (each worker's
-    estimate from its own batches) and checkpoints carry the chief's.
+    estimate from its own batches) until the loop averages them before a checkpoint.
     """
     digest = hashlib.sha256()
     for variable in model.trainable_weights:

@@ -36,17 +36,22 @@ HELP = {
     "num_classes": "model outputs (labels 1..N of the shards become 0..N-1)",
     "resnet_size": f"depth: one of {', '.join(map(str, RESNET_DEPTHS))}",
     "zero_init_residual": "start each residual block's last batch-norm gamma at 0",
+    "bn_momentum": "batch-norm moving-average momentum (recipe 0.997; short runs want ~0.9)",
+    "bn_epsilon": "batch-norm epsilon",
     "batch_size": "global batch over all replicas (must divide by the replica count)",
-    "train_steps": "total optimizer steps",
+    "train_steps": "total optimizer steps; 0 = the recipe's 500,000 at batch 256, scaled to "
+                   "the batch (see --scale-lr-with-batch)",
     "optimizer": "only 'sgd' (with momentum)",
     "momentum": "SGD momentum",
     "base_learning_rate": "learning rate for a global batch of 256",
     "lr_schedule": "'step' (decay at boundaries) or 'cosine'",
-    "lr_boundaries": "step-schedule boundaries (in --boundaries-unit), e.g. 30 60 80",
+    "lr_boundaries": "step-schedule boundaries (in --boundaries-unit), e.g. 30 60 80; none = "
+                     "the recipe's 150k/300k/400k/450k steps at batch 256, scaled to the batch",
     "lr_decay_factor": "learning-rate factor at each boundary",
     "boundaries_unit": "'steps' or 'epochs'",
     "num_train_images": "training images per epoch; 0 = from manifest.json, else counted",
-    "scale_lr_with_batch": "large-batch recipe: lr = base * batch / 256",
+    "scale_lr_with_batch": "lr = base * batch / 256, and the recipe's steps and boundaries "
+                           "x 256 / batch (same epochs); --no-scale-lr-with-batch keeps them",
     "warmup_epochs": "linear warmup from 0 over this many epochs",
     "weight_decay": "L2 factor on convolution and dense kernels",
     "label_smoothing": "label smoothing in [0, 1)",
@@ -71,6 +76,10 @@ def _flag(name: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="YAML",
                         help="YAML mapping of any of the settings below (local or gs://)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective settings and the learning rate at step 0 and "
+                             "at every boundary as one JSON object, then exit; reads no data "
+                             "(epoch-based schedules take --num-train-images or DATA/manifest.json)")
     # Defaults are suppressed so that run() can tell the flags given from those left out.
     defaults = TrainConfig()
     for field in dataclasses.fields(TrainConfig):
@@ -80,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, list):
-            kwargs.update(nargs="*", type=type(default[0]), metavar="N")
+            kwargs.update(nargs="*", type=int, metavar="N")
         else:
             kwargs["type"] = type(default)
         if field.name in ("data_dir", "model_dir"):
@@ -98,6 +107,32 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(values, source=args.config or "flags").validate()
 
 
+def effective_config(config: TrainConfig) -> dict:
+    """What ``--print-config`` prints: the effective settings and the schedule's turning points."""
+    import json
+
+    from resnet_imagenet import storage
+    from resnet_imagenet.data import labels as labels_lib
+    from resnet_imagenet.training import schedules
+
+    config = config.effective()
+    images = config.num_train_images
+    if not images and schedules.needs_epoch_length(config) and config.data_dir:
+        manifest = storage.join(storage.normalize(config.data_dir), labels_lib.MANIFEST)
+        if storage.exists(manifest):
+            try:
+                images = int(json.loads(storage.read_text(manifest))["train"]["images"])
+            except (ValueError, KeyError, TypeError):
+                images = 0
+    steps_per_epoch = images / config.batch_size if images else None
+    schedule = schedules.build(config, steps_per_epoch)
+    out = config.to_dict()
+    out["learning_rate"] = schedule.peak
+    out["epochs"] = round(config.train_steps / steps_per_epoch, 3) if steps_per_epoch else None
+    out["schedule"] = schedules.table(schedule)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     # TensorFlow's oneDNN kernels are on by default only on CPUs with AVX-512 and newer; on AVX2
     # machines (laptops, CI runners) they train ResNet ~3x faster than the default kernels. Read
@@ -105,8 +140,13 @@ def run(args: argparse.Namespace) -> int:
     # still wins. GPU kernels are unaffected. Only `train` sets it, and only when it runs (not on
     # import): TensorFlow then logs two lines at import that no log level silences, which would
     # break the one-line errors of the other commands.
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     config = resolve_config(args)
+    if getattr(args, "print_config", False):
+        import json
+
+        print(json.dumps(effective_config(config), sort_keys=True))
+        return 0
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     for name in ("data_dir", "model_dir"):
         if not getattr(config, name):
             raise UserError(f"{_flag(name)} is required (on the command line or in --config)")

@@ -12,7 +12,9 @@ One step (``strategy.run`` inside a ``tf.function``), per replica:
     grads  = d(ce + l2)/dw   (scaled and unscaled under mixed_float16)
     optimizer.apply(grads)   # Keras all-reduces (sums) the gradients across replicas
 
-so the summed gradient is exactly that of the global-batch loss. The forward/backward pass is
+so the summed gradient is exactly that of the global-batch loss. Under float16 loss scaling the
+replicas first all-reduce one flag, "some gradient of mine is not finite", so that every replica
+of every worker skips the step and lowers the scale together (:func:`apply_gradients`). The forward/backward pass is
 XLA-compiled when ``jit_compile`` is on; the all-reduce and the update stay outside XLA, which
 cannot compile MultiWorkerMirroredStrategy's collectives.
 
@@ -23,6 +25,17 @@ step and exit with :data:`RETRYABLE_EXIT_CODE`, which the training operator's ``
 restart policy treats as retryable. At most the step in flight is lost. Saving needs every
 worker, so no worker can save alone -- hence the agreement through the all-reduce rather than a
 local handler that saves at once.
+
+Batch norm keeps its moving statistics per replica (each from its own batches, as in the
+reference recipe); before every checkpoint and validation they are replaced by their mean over
+all replicas (:func:`average_batch_norm_statistics`), so what is saved and evaluated is the
+average estimate rather than one replica's. Validation runs a float32 copy of the model, as
+``resnet-imagenet evaluate`` and the exported model do.
+
+Exact resume: every example carries its position in its worker's input stream (see
+``data.pipeline``); checkpoints also hold, per replica, the position of the last example it
+consumed, and a resumed worker restarts its stream just after it, so it sees the batches an
+uninterrupted run would have seen.
 
 A worker that vanishes without warning (SIGKILL, a lost node) makes the others' collectives fail
 within seconds; they exit with the same retryable code, and the restarted job resumes from the
@@ -235,6 +248,77 @@ def validate(eval_step, file_pattern: str, batch_size: int, image_size: int) -> 
     return {"top1": hits1 / images, "top5": hits5 / images, "images": images}
 
 
+def apply_gradients(optimizer, grads, variables, loss_scaling: bool) -> None:
+    """Apply one replica's gradients (in a replica context), agreeing on skips when scaling.
+
+    Keras' ``LossScaleOptimizer`` decides from the gradients it is given whether to apply them
+    or to skip the step and halve the scale; it is given this replica's own, not-yet-reduced
+    gradients, and under MirroredStrategy it reads the decision of the first replica only
+    (another replica's overflow then reaches the weights as inf/NaN), under
+    MultiWorkerMirroredStrategy each worker decides alone (and their collectives part ways).
+    So first all-reduce one flag, "one of my gradients is not finite", and poison every
+    replica's gradients when any is set: every replica of every worker then sees non-finite
+    gradients, skips the step and lowers the scale -- together.
+    """
+    if loss_scaling:
+        grads = _non_finite_everywhere_if_anywhere(grads)
+    optimizer.apply(grads, variables)
+
+
+def _non_finite_everywhere_if_anywhere(grads: list) -> list:
+    import tensorflow as tf
+
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+    bad_here = tf.cast(tf.logical_not(finite), tf.float32)
+    bad_anywhere = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, bad_here)
+    poison = tf.where(bad_anywhere > 0, float("nan"), 0.0)
+    return [g + tf.cast(poison, g.dtype) for g in grads]
+
+
+def batch_norm_statistics(model) -> list:
+    """The moving means and variances of every batch-norm layer of ``model``."""
+    import keras
+
+    return [v for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
+            for v in (layer.moving_mean, layer.moving_variance)]
+
+
+def make_batch_norm_average(strategy, model):
+    """A tf.function that sets each replica's batch-norm moving statistics to their mean over
+    all replicas (of all workers: every worker must call it, like any collective)."""
+    import tensorflow as tf
+
+    statistics = batch_norm_statistics(model)
+
+    def average():
+        context = tf.distribute.get_replica_context()
+        # tf.identity: this replica's values as plain tensors (under MultiWorkerMirroredStrategy
+        # an all-reduce of the variables themselves has no destinations).
+        means = context.all_reduce(tf.distribute.ReduceOp.MEAN,
+                                   [tf.identity(v.value) for v in statistics])
+        for variable, mean in zip(statistics, means):
+            variable.assign(mean)
+
+    @tf.function
+    def average_batch_norm_statistics():
+        strategy.run(average)
+
+    return average_batch_norm_statistics
+
+
+def _bad_label_error(exc) -> UserError | None:
+    """The one-line error for the pipeline's bad-label stop, or None for any other error."""
+    match = pipeline.BAD_LABEL_RE.search(getattr(exc, "message", "") or str(exc))
+    if not match:
+        return None
+    label, classes, path = int(match.group(1)), int(match.group(2)), match.group(3)
+    return UserError(
+        f"training shard {path} holds a record with label {label}, outside 1..{classes}: "
+        "labels are 1..N (0 is unused); pass --num-classes N for data with N classes, or "
+        "convert the data again")
+
+
 def train(config: TrainConfig) -> dict:
     """Train as ``config`` says, resuming from ``MODEL/checkpoints``; returns the summary.
 
@@ -255,7 +339,7 @@ def train(config: TrainConfig) -> dict:
 
 class _Trainer:
     def __init__(self, config: TrainConfig):
-        config = config.validate()
+        config = config.validate().effective()
         if not config.data_dir or not config.model_dir:
             raise UserError("--data-dir and --model-dir are required")
         self.config = config.updated(data_dir=storage.normalize(config.data_dir),
@@ -297,7 +381,8 @@ class _Trainer:
 
         with self.strategy.scope():
             self.model = build_resnet(config.resnet_size, config.num_classes, config.image_size,
-                                      config.zero_init_residual)
+                                      config.zero_init_residual, bn_momentum=config.bn_momentum,
+                                      bn_epsilon=config.bn_epsilon)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch",
@@ -310,25 +395,71 @@ class _Trainer:
             # them instead of being deferred (and silently dropped).
             self.optimizer.build(self.model.trainable_variables)
         self.decay_variables = weight_decay_variables(self.model)
+        self.average_batch_norm = make_batch_norm_average(self.strategy, self.model)
+        # Per replica, (epoch, index) of the last example it consumed: where to resume. Saved,
+        # not restored (a checkpoint of another replica count has another shape): read back
+        # by _restore.
+        self.input_positions = tf.Variable(
+            tf.fill([self.replicas, 2], tf.constant(-1.0, tf.float64)), trainable=False,
+            name="input_positions")
+        self.gather_positions = self._make_gather_positions()
         # The plain SGD is checkpointed (momentum buffers), not the loss-scale wrapper: a run
         # can then resume under another precision; the loss scale re-adapts within steps.
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=sgd, step=self.step,
                                               epoch=self.epoch)
-        self.writer = checkpoints.CheckpointWriter(self.checkpoint, config.model_dir,
+        saved = tf.train.Checkpoint(model=self.model, optimizer=sgd, step=self.step,
+                                    epoch=self.epoch, input_positions=self.input_positions)
+        self.writer = checkpoints.CheckpointWriter(saved, config.model_dir,
                                                    cluster.is_chief, config.keep_checkpoints)
 
     def _restore(self) -> str | None:
+        """Restore the latest checkpoint, if any; sets where this worker's input resumes."""
+        import tensorflow as tf
+
+        self.input_start = (0, 0)  # (epoch, records to skip in it)
+        self.position = -1  # the last consumed example's position in this worker's stream
         latest = self.writer.latest()
         if latest is None:
             log.info("no checkpoint in %s: starting from scratch", self.writer.directory)
             return None
         what = f"ResNet-{self.config.resnet_size} with {self.config.num_classes} classes"
         checkpoints.restore(self.checkpoint, self.model, latest, what)
-        log.info("resumed from %s: step %d, epoch %d", latest, int(self.step.numpy()),
-                 int(self.epoch.numpy()))
+        self.input_start = (int(self.epoch.numpy()), 0)
+        reader = tf.train.load_checkpoint(latest)
+        key = "input_positions/.ATTRIBUTES/VARIABLE_VALUE"
+        positions = reader.get_tensor(key) if reader.has_tensor(key) else None
+        mine = self.cluster.worker_id * (self.replicas // self.cluster.num_workers)
+        if self.config.data_service:
+            log.info("input from a tf.data service: resuming at the start of epoch %d",
+                     self.input_start[0])
+        elif positions is None or positions.shape != (self.replicas, 2) or positions[mine][0] < 0:
+            log.warning("%s holds no input position for %d replica(s): the input restarts at "
+                        "the start of epoch %d", latest, self.replicas, self.input_start[0])
+        else:
+            epoch, index = (int(v) for v in positions[mine])
+            self.input_start = (epoch, index + 1)
+            self.position = pipeline.position(epoch, index)
+        log.info("resumed from %s: step %d, input at epoch %d past %d example(s)", latest,
+                 int(self.step.numpy()), *self.input_start)
         return latest
 
-    def _dataset(self, start_epoch: int):
+    def _make_gather_positions(self):
+        """A tf.function: this worker's last input position -> every replica's, [replicas, 2]."""
+        import tensorflow as tf
+
+        strategy = self.strategy
+
+        def gather(position):
+            return tf.distribute.get_replica_context().all_gather(position[None], axis=0)
+
+        @tf.function
+        def gather_positions(position):
+            gathered = strategy.run(gather, args=(position,))
+            return strategy.experimental_local_results(gathered)[0]
+
+        return gather_positions
+
+    def _dataset(self, start_epoch: int, skip: int):
         config = self.config
         # One tf.data service job per run (the model directory names the run), shared by its
         # workers; restarted workers rejoin it.
@@ -338,8 +469,10 @@ class _Trainer:
             return pipeline.train_dataset(
                 self.train_pattern, context.get_per_replica_batch_size(config.batch_size),
                 config.image_size, input_context=context, shuffle_buffer=config.shuffle_buffer,
-                seed=config.seed, start_epoch=start_epoch, data_service=config.data_service,
-                data_service_job=job, min_crop_area=config.min_crop_area, random_flip=config.random_flip,
+                seed=config.seed, start_epoch=start_epoch, skip=skip, with_positions=True,
+                num_classes=config.num_classes, data_service=config.data_service,
+                data_service_job=job, min_crop_area=config.min_crop_area,
+                random_flip=config.random_flip,
             )
 
         return self.strategy.distribute_datasets_from_function(dataset_fn)
@@ -372,18 +505,19 @@ class _Trainer:
                 tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
             return grads, tf.stack([loss, cross_entropy, l2, correct])
 
-        def replica_step(images, labels, stop):
+        def replica_step(images, labels, positions, stop):
             grads, metrics = forward_backward(images, labels)
-            optimizer.apply(grads, model.trainable_variables)
-            return tf.concat([metrics, [stop]], axis=0)
+            apply_gradients(optimizer, grads, model.trainable_variables, loss_scaling)
+            return tf.concat([metrics, [stop]], axis=0), tf.reduce_max(positions)
 
         @tf.function
         def train_step(iterator, stop):
-            images, labels = next(iterator)
-            per_replica = strategy.run(replica_step, args=(images, labels, stop))
+            images, labels, positions = next(iterator)
+            per_replica, last = strategy.run(replica_step, args=(images, labels, positions, stop))
             totals = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
             self.step.assign_add(1)
-            return totals
+            # This worker's replicas' last positions: their maximum is where its stream is.
+            return totals, tf.reduce_max(tf.stack(strategy.experimental_local_results(last)))
 
         return train_step
 
@@ -402,7 +536,18 @@ class _Trainer:
 
     # --- the loop ------------------------------------------------------------------------
 
+    def _sync_replicas(self) -> None:
+        """Every worker: batch-norm statistics to their mean over replicas, input positions
+        gathered (both collectives), before a checkpoint or a validation."""
+        import tensorflow as tf
+
+        self.average_batch_norm()
+        epoch, index = pipeline.split_position(self.position) if self.position >= 0 else (-1, -1)
+        self.input_positions.assign(tf.cast(self.gather_positions(
+            tf.constant([epoch, index], tf.float64)), tf.float64))
+
     def _save(self, step: int) -> str:
+        self._sync_replicas()
         self.epoch.assign(step * self.config.batch_size // self.num_train_images)
         path = self.writer.save(step)
         log.info("checkpoint %s (epoch %d)", path, int(self.epoch.numpy()))
@@ -414,10 +559,13 @@ class _Trainer:
             return None
         start = time.perf_counter()
         batch = max(1, self.config.batch_size // self.cluster.num_workers)
+        if self.eval_model is not self.model:  # a float32 copy of the mixed-precision model
+            self.eval_model.set_weights([v.numpy() for v in self.model.weights])
         result = validate(self.eval_step, self.validation_pattern, batch, self.config.image_size)
+        result["precision"] = "float32"
         self.summaries.validation(step, top1=result["top1"], top5=result["top5"])
-        log.info("validation at step %d: top-1 %.4f, top-5 %.4f over %d images (%.1fs)",
-                 step, result["top1"], result["top5"], result["images"],
+        log.info("validation (float32) at step %d: top-1 %.4f, top-5 %.4f over %d images "
+                 "(%.1fs)", step, result["top1"], result["top5"], result["images"],
                  time.perf_counter() - start)
         return result
 
@@ -429,13 +577,20 @@ class _Trainer:
         if cluster.is_chief:
             storage.makedirs(config.model_dir)
             config_lib.save(config, config.model_dir)
-            labels_lib.copy_to_model(config.data_dir, config.model_dir)
+            labels_lib.copy_to_model(config.data_dir, config.model_dir, config.num_classes)
         validation_pattern = tfrecord.shard_pattern(config.data_dir, "validation")
         self.validation_pattern = validation_pattern if storage.glob(validation_pattern) else ""
         if cluster.is_chief and not self.validation_pattern:
             log.warning("no validation shards in %s: no validation during training",
                         config.data_dir)
-        self.eval_step = make_eval_step(self.model, config.num_classes)
+        # Validation runs float32, as `resnet-imagenet evaluate` and the SavedModel do: under
+        # mixed precision, on a float32 copy that takes the weights before each validation.
+        self.eval_model = self.model
+        if self.precision != "float32" and cluster.is_chief and self.validation_pattern:
+            from resnet_imagenet import evaluation
+
+            self.eval_model = evaluation.build_model(config)
+        self.eval_step = make_eval_step(self.eval_model, config.num_classes)
         self.barrier = self._make_barrier()
         self.start_step = self.current_step = int(self.step.numpy())
         log.info("ResNet-%d, %d classes, %dx%d images; global batch %d over %d replica(s) on "
@@ -477,6 +632,7 @@ class _Trainer:
             "precision": self.precision,
             "jit_compile": self.jit,
             "resumed_from": resumed_from,
+            "input_position": list(pipeline.split_position(self.position)),
             "checkpoint": final_checkpoint,
             "validation": validation,
             "weights_sha256": fingerprint,
@@ -491,7 +647,7 @@ class _Trainer:
         import tensorflow as tf
 
         config = self.config
-        iterator = iter(self._dataset(int(self.epoch.numpy())))
+        iterator = iter(self._dataset(*self.input_start))
         train_step = self._make_train_step()
         stop = _StopSignal()
         last_saved = self.current_step if resumed else -1
@@ -499,10 +655,17 @@ class _Trainer:
         with stop.installed():
             while self.current_step < config.train_steps:
                 tick = time.perf_counter()
-                totals = train_step(iterator, tf.constant(float(stop.requested)))
+                try:
+                    totals, position = train_step(iterator, tf.constant(float(stop.requested)))
+                except tf.errors.InvalidArgumentError as exc:
+                    error = _bad_label_error(exc)
+                    if error is None:
+                        raise
+                    raise error from None
                 # One small device-to-host copy per step, for the NaN check and the stop flag;
                 # the input pipeline keeps prefetching on its own threads meanwhile.
                 metrics = dict(zip(_METRICS, totals.numpy().tolist()))
+                self.position = int(position.numpy())
                 if self.current_step > self.start_step:  # the first step traces: not timed
                     throughput.add(time.perf_counter() - tick)
                 self.current_step = step = self.current_step + 1
@@ -521,6 +684,7 @@ class _Trainer:
                     last_saved, _ = step, self._save(step)
                 if (config.eval_every and step % config.eval_every == 0
                         and step < config.train_steps):
+                    self._sync_replicas()  # every worker: a collective
                     self._validate(step)
         return metrics, last_saved
 

@@ -1,7 +1,10 @@
 """Learning-rate schedules: the reference recipe and the large-batch recipe.
 
 Reference (the defaults of :class:`~resnet_imagenet.config.TrainConfig`): 0.1 for a global batch
-of 256, multiplied by 0.1 at steps 150k, 300k, 400k and 450k, 500k steps in all.
+of 256, multiplied by 0.1 at steps 150k, 300k, 400k and 450k, 500k steps in all. By default the
+rate scales linearly with the global batch and the recipe keeps its epochs: at batch 1024, 0.4,
+boundaries at 37.5k, 75k, 100k and 112.5k steps, 125k steps (``TrainConfig.effective``);
+``--no-scale-lr-with-batch`` keeps 0.1 and the reference's steps whatever the batch.
 
 Large batch (Goyal et al., "Accurate, Large Minibatch SGD"): the rate scales linearly with the
 batch (0.1 per 256 images), rises linearly from 0 over the first ``warmup_epochs`` (5), then
@@ -17,10 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from resnet_imagenet.config import TrainConfig
+from resnet_imagenet.config import REFERENCE_BATCH, TrainConfig
 from resnet_imagenet.errors import UserError
-
-REFERENCE_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,18 @@ class Schedule:
         warm = self.peak * step / float(self.warmup_steps)
         return tf.where(step < self.warmup_steps, warm, decayed)
 
+    def value(self, step: int) -> float:
+        """The rate at a Python ``step``, in float64 without TensorFlow (``--print-config``)."""
+        if self.kind == "cosine":
+            span = float(max(self.total_steps - self.warmup_steps, 1))
+            progress = min(max((step - self.warmup_steps) / span, 0.0), 1.0)
+            decayed = 0.5 * self.peak * (1.0 + math.cos(math.pi * progress))
+        else:
+            decayed = self.peak * self.decay_factor ** sum(step >= b for b in self.boundaries)
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            return self.peak * step / float(self.warmup_steps)
+        return decayed
+
     def describe(self) -> str:
         text = f"{self.kind} schedule, peak lr {self.peak:g}"
         if self.warmup_steps:
@@ -63,6 +76,7 @@ class Schedule:
 
 def needs_epoch_length(config: TrainConfig) -> bool:
     """Whether building the schedule needs the number of steps per epoch."""
+    config = config.effective()
     uses_boundaries = config.lr_schedule == "step" and bool(config.lr_boundaries)
     return config.warmup_epochs > 0 or (config.boundaries_unit == "epochs" and uses_boundaries)
 
@@ -75,6 +89,7 @@ def peak_learning_rate(config: TrainConfig) -> float:
 
 def build(config: TrainConfig, steps_per_epoch: float | None = None) -> Schedule:
     """The schedule ``config`` asks for; ``steps_per_epoch`` when epochs are involved."""
+    config = config.effective()
     if needs_epoch_length(config) and not steps_per_epoch:
         raise UserError("the learning-rate schedule is given in epochs: the number of "
                         "training images is needed (manifest.json or --num-train-images)")
@@ -91,3 +106,15 @@ def build(config: TrainConfig, steps_per_epoch: float | None = None) -> Schedule
         total_steps=config.train_steps,
         kind=config.lr_schedule,
     )
+
+
+def table(schedule: Schedule) -> list[dict]:
+    """``[{"step": s, "learning_rate": lr}, ...]`` at step 0 and wherever the rate changes
+    course: the end of warmup, every boundary (step schedule), the last step (cosine)."""
+    steps = {0, *schedule.boundaries}
+    if schedule.warmup_steps:
+        steps.add(schedule.warmup_steps)
+    if schedule.kind == "cosine":
+        steps.add(schedule.total_steps)
+    return [{"step": s, "learning_rate": round(schedule.value(s), 12)} for s in sorted(steps)
+            if s <= schedule.total_steps]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -50,7 +51,8 @@ def test_precedence_defaults_then_yaml_then_flags(tmp_path):
     assert config.batch_size == 1024 and config.boundaries_unit == "epochs"  # YAML
     assert config.warmup_epochs == 5.0 and config.random_flip is False  # YAML, typed
     assert config.label_smoothing == 0.1 and config.data_dir == "gs://b/data"  # flags
-    assert config.momentum == 0.9 and config.train_steps == 500_000  # defaults
+    assert config.momentum == 0.9 and config.train_steps == 0  # defaults (0: the recipe)
+    assert config.effective().train_steps == 125_000  # the recipe's 500k steps at batch 256
 
 
 def test_boolean_flags_go_both_ways(tmp_path):
@@ -79,6 +81,29 @@ def test_bad_yaml_is_refused(tmp_path, text, match):
 def run_cli(*args: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "resnet_imagenet", "train", *args], cwd=ROOT,
                           env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+
+
+def test_print_config_shows_the_effective_recipe_without_reading_data(tmp_path):
+    result = run_cli("--print-config", "--batch-size", "1024",
+                     "--data-dir", str(tmp_path / "nothing"), "--model-dir", str(tmp_path / "m"))
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)  # one JSON object, nothing else
+    assert (printed["batch_size"], printed["train_steps"], printed["bn_momentum"]) == (
+        1024, 125_000, 0.997)
+    assert printed["learning_rate"] == 0.4
+    assert printed["schedule"] == [
+        {"step": 0, "learning_rate": 0.4}, {"step": 37_500, "learning_rate": 0.04},
+        {"step": 75_000, "learning_rate": 0.004}, {"step": 100_000, "learning_rate": 0.0004},
+        {"step": 112_500, "learning_rate": 0.00004}]
+    assert not os.listdir(tmp_path)  # nothing read, nothing written
+    old = json.loads(run_cli("--print-config", "--batch-size", "1024",
+                             "--no-scale-lr-with-batch").stdout)
+    assert (old["train_steps"], old["learning_rate"], old["lr_boundaries"]) == (
+        500_000, 0.1, [150_000, 300_000, 400_000, 450_000])
+    cosine = json.loads(run_cli("--print-config", "--lr-schedule", "cosine", "--warmup-epochs",
+                                "5", "--num-train-images", "1281167").stdout)
+    assert [row["step"] for row in cosine["schedule"]] == [0, 25_023, 500_000]
+    assert [row["learning_rate"] for row in cosine["schedule"]] == [0.0, 0.1, 0.0]
 
 
 def test_missing_shards_exit_2_with_one_line(tmp_path):

@@ -25,7 +25,7 @@ from resnet_imagenet.training import checkpoints, loop
 from tests.support.shards import make_shards
 
 TINY = dict(resnet_size=18, image_size=32, num_classes=10, batch_size=16, shuffle_buffer=64,
-            log_every=1, seed=0)
+            log_every=1, seed=0, scale_lr_with_batch=False)
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +81,17 @@ def test_training_reduces_the_loss_and_fills_the_model_directory(two_digits, tmp
     summary = loop.train(config)
 
     assert summary["step"] == 30 and summary["resumed_from"] is None
-    assert sorted(os.listdir(model_dir)) == ["checkpoints", "config.json", "logs",
-                                             "train_summary.json"]  # no labels.txt, no map
-    assert config_lib.load(str(model_dir)) == config.updated(data_dir=two_digits,
-                                                             model_dir=str(model_dir))
+    assert sorted(os.listdir(model_dir)) == ["checkpoints", "config.json", "labels.json", "logs",
+                                             "train_summary.json"]
+    assert config_lib.load(str(model_dir)) == config.updated(
+        data_dir=two_digits, model_dir=str(model_dir)).effective()
+    # No labels.txt (as with the original Inception script's shards): the label map comes from
+    # the records' synsets and texts; labels no record shows stay unnamed.
+    label_map = labels_lib.load(str(model_dir))
+    assert label_map[:3] == [{"label": 1, "synset": "n00000000", "text": "digit zero"},
+                             {"label": 2, "synset": "n00000001", "text": "digit one"},
+                             {"label": 3, "synset": "", "text": ""}]
+    assert len(label_map) == 10
     assert json.loads((model_dir / "train_summary.json").read_text()) == summary
     assert tf.train.latest_checkpoint(str(model_dir / "checkpoints")).endswith("ckpt-30")
     assert os.path.exists(model_dir / "checkpoints" / "ckpt-20.index")
@@ -244,3 +251,64 @@ def test_checkpoint_of_another_depth(one_step, tmp_path):
     assert "\n" not in str(info.value)
     assert sorted(os.listdir(model_dir / "checkpoints")) == [
         "checkpoint", "ckpt-1.data-00000-of-00001", "ckpt-1.index"]
+
+
+# --- exact resume, bad labels, float32 validation --------------------------------------------
+
+
+def test_a_resumed_run_continues_the_input_where_the_interrupted_one_stopped(data_dir, tmp_path):
+    """Stopped after step k and resumed, training consumes the examples an uninterrupted run
+    with the same seed consumes -- across the end of an epoch (160 images, 10 steps)."""
+    whole = loop.train(tiny(data_dir, tmp_path / "whole", train_steps=12))
+    assert whole["input_position"] == [1, 31]  # 12 x 16 = 192 examples: epoch 1, index 31
+    tiny_first = tiny(data_dir, tmp_path / "resumed", train_steps=9, checkpoint_every=9)
+    first = loop.train(tiny_first)
+    assert first["input_position"] == [0, 143]
+    second = loop.train(tiny_first.updated(train_steps=12))
+    assert second["start_step"] == 9 and second["input_position"] == whole["input_position"]
+    # What the resumed run read next is what the uninterrupted one read after step 9.
+    from resnet_imagenet.data import pipeline
+
+    pattern = tfrecord.shard_pattern(data_dir, "train")
+
+    def labels(ds, batches):
+        return [batch[1].numpy().tolist() for batch in ds.take(batches)]
+
+    stream = dict(shuffle_buffer=64, seed=0, with_positions=True)
+    uninterrupted = labels(pipeline.train_dataset(pattern, 16, 32, **stream), 12)[9:]
+    resumed = labels(pipeline.train_dataset(pattern, 16, 32, start_epoch=0, skip=144, **stream),
+                     3)
+    assert resumed == uninterrupted
+
+
+def test_a_training_label_outside_the_classes_stops_with_one_line(data_dir, tmp_path):
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    for index, path in enumerate(sorted(glob.glob(os.path.join(data_dir, "train-*")))):
+        with tf.io.TFRecordWriter(str(bad_dir / os.path.basename(path))) as writer:
+            for number, raw in enumerate(tf.data.TFRecordDataset(path)):
+                example = tf.train.Example.FromString(raw.numpy())
+                if index == 1 and number == 3:
+                    example.features.feature["image/class/label"].int64_list.value[:] = [0]
+                writer.write(example.SerializeToString())
+    with pytest.raises(UserError) as info:
+        loop.train(tiny(str(bad_dir), tmp_path / "model", train_steps=40, batch_size=8))
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"{bad_dir / 'train-00001-of-00002'} holds a record with label 0, outside 1..10" \
+        in message
+
+
+def test_validation_during_training_runs_the_float32_model(data_dir, tmp_path):
+    """Under mixed precision the trainer validates a float32 copy: its numbers are those of
+    `resnet-imagenet evaluate` (float32) on the same checkpoint."""
+    from resnet_imagenet import evaluation
+
+    model_dir = str(tmp_path / "model")
+    summary = loop.train(tiny(data_dir, model_dir, train_steps=2, batch_size=8,
+                              mixed_precision="bfloat16", base_learning_rate=0.3))
+    assert summary["precision"] == "mixed_bfloat16"
+    assert summary["validation"]["precision"] == "float32"
+    evaluated = evaluation.evaluate(data_dir, model_dir)
+    assert (summary["validation"]["top1"], summary["validation"]["top5"]) == (
+        evaluated["top1"], evaluated["top5"])

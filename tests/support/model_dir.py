@@ -88,7 +88,8 @@ def make_model_dir(model_dir: str, data_dir: str, depth: int = 18, image_size: i
     from resnet_imagenet.model.resnet import build_resnet
 
     keras.utils.set_random_seed(seed)
-    model = build_resnet(depth, num_classes, image_size)
+    # A short run: a batch-norm moving average that forgets its initial values within it.
+    model = build_resnet(depth, num_classes, image_size, bn_momentum=0.9)
     optimizer = keras.optimizers.SGD(learning_rate=0.05, momentum=0.9)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -111,6 +112,7 @@ def make_model_dir(model_dir: str, data_dir: str, depth: int = 18, image_size: i
     config = config_lib.TrainConfig(
         data_dir=data_dir, model_dir=model_dir, image_size=image_size, num_classes=num_classes,
         resnet_size=depth, batch_size=batch_size, train_steps=steps, lr_boundaries=[],
+        bn_momentum=0.9,
     )
     config_lib.save(config, model_dir)
     labels.copy_to_model(data_dir, model_dir)

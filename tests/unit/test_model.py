@@ -71,8 +71,14 @@ def test_convolutions_have_no_bias_and_batch_norm_follows_the_recipe(resnet50):
     norms = [l for l in resnet50.layers if isinstance(l, layers.BatchNormalization)]
     assert len(convs) == 53 and len(norms) == 53
     assert not any(conv.use_bias for conv in convs)
-    assert all(bn.momentum == BN_MOMENTUM == 0.9 for bn in norms)
+    assert all(bn.momentum == BN_MOMENTUM == 0.997 for bn in norms)
     assert all(bn.epsilon == BN_EPSILON == 1e-5 for bn in norms)
+
+
+def test_batch_norm_momentum_and_epsilon_are_settings():
+    model = build_resnet(18, 10, 32, bn_momentum=0.9, bn_epsilon=1e-3)
+    norms = [l for l in model.layers if isinstance(l, layers.BatchNormalization)]
+    assert norms and all((bn.momentum, bn.epsilon) == (0.9, 1e-3) for bn in norms)
 
 
 def test_zero_init_sets_the_last_gamma_of_each_block_to_zero():

@@ -241,3 +241,43 @@ def test_bench_input_measures_both_pipelines(shards, capsys):
     assert result["cores"] >= 1
     out = capsys.readouterr().out
     assert "images/s" in out and "per core" in out and "speedup per core" in out
+
+
+def stream(pattern: str, batches: int, **kwargs) -> list[tuple[list, list]]:
+    """(labels, positions) of the first ``batches`` batches of 16 of a seeded training stream."""
+    ds = pipeline.train_dataset(pattern, 16, SIZE, seed=5, shuffle_buffer=40,
+                                with_positions=True, **kwargs)
+    return [(labels.numpy().tolist(), positions.numpy().tolist())
+            for _, labels, positions in ds.take(batches)]
+
+
+def test_a_resumed_stream_sees_the_batches_of_an_uninterrupted_one(shards):
+    data_dir, counts = shards
+    pattern = tfrecord.shard_pattern(data_dir, "train")
+    per_epoch = counts["train"]["images"]
+    batches = per_epoch // 16 + 3  # across the end of the first epoch
+    whole = stream(pattern, batches)
+    assert whole == stream(pattern, batches)  # the order is a function of the seed
+    assert pipeline.split_position(whole[-1][1][-1])[0] == 1
+    for k in (3, per_epoch // 16):  # stop after batch k, mid-epoch or near its end
+        epoch, index = pipeline.split_position(whole[k - 1][1][-1])
+        resumed = stream(pattern, batches - k, start_epoch=epoch, skip=index + 1)
+        assert [labels for labels, _ in resumed] == [labels for labels, _ in whole[k:]]
+        assert resumed == whole[k:]
+
+
+def test_a_label_outside_the_classes_stops_the_stream_naming_the_shard(tmp_path, shards):
+    data_dir, _ = shards
+    serialized = [r.numpy() for r in tf.data.TFRecordDataset(
+        sorted(tf.io.gfile.glob(tfrecord.shard_pattern(data_dir, "train")))[:1])]
+    bad = tf.train.Example.FromString(serialized[5])
+    bad.features.feature["image/class/label"].int64_list.value[:] = [11]
+    write_shard(str(tmp_path / "train-00000-of-00001"),
+                serialized[:5] + [bad.SerializeToString()] + serialized[6:])
+    ds = pipeline.train_dataset(tfrecord.shard_pattern(str(tmp_path), "train"), 4, SIZE,
+                                seed=0, num_classes=10)
+    with pytest.raises(tf.errors.InvalidArgumentError) as info:
+        for _ in ds.take(len(serialized)):
+            pass
+    match = pipeline.BAD_LABEL_RE.search(info.value.message)
+    assert match.groups() == ("11", "10", str(tmp_path / "train-00000-of-00001"))

@@ -18,9 +18,10 @@ def lr(schedule, step) -> float:
 
 
 def test_defaults_are_the_reference_recipe():
-    config = TrainConfig()
+    config = TrainConfig().effective()
     assert (config.batch_size, config.train_steps, config.momentum) == (256, 500_000, 0.9)
     assert (config.base_learning_rate, config.weight_decay) == (0.1, 1e-4)
+    assert (config.bn_momentum, config.bn_epsilon) == (0.997, 1e-5)
     assert config.lr_boundaries == [150_000, 300_000, 400_000, 450_000]
     assert not schedules.needs_epoch_length(config)
 
@@ -35,6 +36,34 @@ def test_defaults_are_the_reference_recipe():
 def test_reference_schedule_at_its_boundaries(step, expected):
     schedule = schedules.build(TrainConfig())
     assert lr(schedule, step) == pytest.approx(expected, rel=1e-5)
+    assert schedule.value(step) == pytest.approx(expected, rel=1e-9)
+
+
+def test_the_recipe_follows_the_batch_size_in_epochs():
+    config = TrainConfig(batch_size=1024).effective()
+    assert config.train_steps == 125_000
+    assert config.lr_boundaries == [37_500, 75_000, 100_000, 112_500]
+    schedule = schedules.build(config)
+    assert schedule.peak == pytest.approx(0.4)
+    assert schedules.table(schedule) == [
+        {"step": 0, "learning_rate": 0.4}, {"step": 37_500, "learning_rate": 0.04},
+        {"step": 75_000, "learning_rate": 0.004}, {"step": 100_000, "learning_rate": 0.0004},
+        {"step": 112_500, "learning_rate": 0.00004}]
+    # The same number of images, so the same epochs, as the reference at batch 256.
+    assert config.train_steps * 1024 == 500_000 * 256
+
+
+def test_without_scaling_the_batch_keeps_the_reference_steps_and_rate():
+    config = TrainConfig(batch_size=1024, scale_lr_with_batch=False).effective()
+    assert (config.train_steps, config.lr_boundaries) == (
+        500_000, [150_000, 300_000, 400_000, 450_000])
+    assert schedules.build(config).peak == pytest.approx(0.1)
+
+
+def test_explicit_steps_and_boundaries_are_kept():
+    config = TrainConfig(batch_size=1024, train_steps=1000, lr_boundaries=[300, 600]).effective()
+    assert (config.train_steps, config.lr_boundaries) == (1000, [300, 600])
+    assert schedules.build(config).peak == pytest.approx(0.4)
 
 
 def large_batch(**changes) -> TrainConfig:
