@@ -226,7 +226,7 @@ def build_pipeline(options: Options = Options()):
         train_gpu_node_selector: Dict[str, str] = {},
         train_gpu_tolerations: List[dict] = [],
         train_batch_size: int = 256,
-        train_steps: int = 500_000,
+        train_steps: int = 0,
         train_checkpoint_every: int = 5000,
         train_evaluator: bool = False,
         train_extra_args: List[str] = [],
@@ -266,7 +266,8 @@ def build_pipeline(options: Options = Options()):
                 format of step_tolerations (the nvidia.com/gpu one is added when GPUs are
                 requested).
             train_batch_size: global batch, divisible by workers x GPUs per worker.
-            train_steps: training steps.
+            train_steps: training steps; 0 = the recipe (500,000 at batch 256, scaled to
+                train_batch_size so the epochs stay the same: 125,000 at 1024).
             train_checkpoint_every: steps between checkpoints.
             train_evaluator: add an Evaluator replica (continuous validation for TensorBoard).
             train_extra_args: further `resnet-imagenet train` flags, e.g.

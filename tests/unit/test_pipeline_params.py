@@ -77,7 +77,7 @@ def test_unknown_backend():
 @pytest.mark.parametrize("changes, expected", [
     (dict(train_gpus_per_worker=-1), "train_gpus_per_worker=-1 must be at least 0"),
     (dict(model_resnet_depth=51), "model_resnet_depth=51 is not a ResNet depth"),
-    (dict(train_steps=0), "train_steps=0 must be at least 1"),
+    (dict(train_steps=-1), "train_steps=-1 must be at least 0"),
     (dict(model_num_classes=0), "model_num_classes=0 must be at least 1"),
     (dict(tfrecord_tasks=2000), "tfrecord_tasks=2000 is more than the 1152 shards to write"),
     (dict(train_workers=2.5), "train_workers=2.5 must be an integer"),
