@@ -38,6 +38,9 @@ LAUNCHER_RULES = {
     ("kubeflow.org", "tfjobs"): {"create", "get", "list", "watch", "patch", "delete"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "pods/log"): {"get"},
+    # Why replicas do not start: the operator's FailedCreatePod and other Warning events.
+    ("", "events"): {"get", "list", "watch"},
+    ("events.k8s.io", "events"): {"get", "list", "watch"},
 }
 # The Kubeflow tensorboard controller's CRD (tensorboard.kubeflow.org/v1alpha1) has one spec
 # field; written out here, strict like the rest.
