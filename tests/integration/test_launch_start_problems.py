@@ -67,9 +67,9 @@ def test_start_timeout_0_waits_for_ever_and_a_running_replica_ends_the_start_wai
     the job alive past it, and 0 switches it off."""
     caplog.set_level(logging.INFO)
     began = time.monotonic()
-    with launching(control_plane.admin(), options(kube_namespace), start_timeout=5) as (result, _):
+    with launching(control_plane.admin(), options(kube_namespace), start_timeout=8) as (result, _):
         pods = running_pods(control_plane, kube_namespace, "resnet-test", 2)
-        time.sleep(max(0.0, began + 6 - time.monotonic()))  # past it, with replicas running
+        time.sleep(max(0.0, began + 9 - time.monotonic()))  # past it, with replicas running
         assert not result.done(), result.result()
         for pod in pods:
             control_plane.finish_pod(kube_namespace, pod.metadata.name, 0)
