@@ -10,9 +10,9 @@ from kubernetes import client
 
 from resnet_imagenet.launch import cli as launch_cli
 from resnet_imagenet.launch import cluster, tfjob
-from tests.integration.test_tfjob_control_plane import (apply_overlay, can_i, custom, get_tfjob,
-                                                        launching, options, running_pods,
-                                                        tfjob_gone, wait_until)
+from tests.integration.test_tfjob_control_plane import (apply_overlay, can_i, custom, finish,
+                                                        get_tfjob, launching, options,
+                                                        running_pods, tfjob_gone, wait_until)
 
 
 def launcher_lines(caplog) -> list[str]:
@@ -71,8 +71,7 @@ def test_start_timeout_0_waits_for_ever_and_a_running_replica_ends_the_start_wai
         pods = running_pods(control_plane, kube_namespace, "resnet-test", 2)
         time.sleep(max(0.0, began + 9 - time.monotonic()))  # past it, with replicas running
         assert not result.done(), result.result()
-        for pod in pods:
-            control_plane.finish_pod(kube_namespace, pod.metadata.name, 0)
+        finish(control_plane, kube_namespace, pods)
         assert result.result(timeout=60) == 0
     args = launch_cli_args(["--start-timeout", "0"])
     assert args.start_timeout == 0

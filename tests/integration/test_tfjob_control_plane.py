@@ -89,8 +89,14 @@ def running_pods(plane, namespace: str, job: str, count: int, timeout: float = 3
 
 
 def finish(plane, namespace: str, pods: list, exit_code: int = 0, reason: str = "") -> None:
-    for pod in pods:
-        plane.finish_pod(namespace, pod.metadata.name, exit_code, reason)
+    """End the pods' containers, the chief (worker 0) last: once it has succeeded, the operator
+    deletes the workers still running (cleanPodPolicy Running)."""
+    for pod in sorted(pods, key=lambda p: p.metadata.name, reverse=True):
+        try:
+            plane.finish_pod(namespace, pod.metadata.name, exit_code, reason)
+        except client.ApiException as exc:
+            if exc.status != 404:  # already cleaned up by the operator
+                raise
 
 
 def tfjob_gone(plane, namespace: str, name: str) -> bool:
