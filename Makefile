@@ -8,7 +8,14 @@ STAMP  := $(VENV)/.installed
 include images/versions.env   # REGISTRY, TAG, TF_VERSION; `make images REGISTRY=.. TAG=..` overrides
 WORKDIR  ?= demo
 
-.PHONY: demo test install pipeline images push manifests clean tools cluster cluster-down
+# Compile-time settings of the pipeline (compile_pipeline.py --help): the KFP backend it is for
+# (2.17: 2.17.0 or newer; 2.14: 2.14.0 to 2.16.x) and, for clusters without Workload Identity,
+# the Secret with the bucket key (the generic overlay's: resnet-imagenet-gcp-key).
+KFP_BACKEND       ?= 2.17
+BUCKET_KEY_SECRET ?=
+PIPELINE_FLAGS    := --kfp-backend $(KFP_BACKEND) $(if $(BUCKET_KEY_SECRET),--bucket-key-secret $(BUCKET_KEY_SECRET))
+
+.PHONY: demo test install pipeline pipeline-check images push manifests clean tools cluster cluster-down
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,7 +45,11 @@ cluster-down:
 	$(PY) -m tests.support.cluster down $(CLUSTER_DIR)
 
 pipeline: $(STAMP)
-	RESNET_IMAGENET_REGISTRY=$(REGISTRY) RESNET_IMAGENET_TAG=$(TAG) $(PY) compile_pipeline.py
+	RESNET_IMAGENET_REGISTRY=$(REGISTRY) RESNET_IMAGENET_TAG=$(TAG) $(PY) compile_pipeline.py $(PIPELINE_FLAGS)
+
+# Compile, the KFP backend's upload checks (each release the YAML is for), one line per step.
+pipeline-check: $(STAMP)
+	RESNET_IMAGENET_REGISTRY=$(REGISTRY) RESNET_IMAGENET_TAG=$(TAG) $(PY) pipeline_check.py $(PIPELINE_FLAGS)
 
 images:
 	docker build -f images/trainer/Dockerfile --build-arg TF_VERSION=$(TF_VERSION) -t $(REGISTRY)/resnet-imagenet-trainer:$(TAG) .

@@ -9,12 +9,15 @@ from components import step
 def evaluate(
     data_uri: str,
     model: Input[Model],
-    metrics: Output[Metrics],
-    metrics_json: Output[Artifact],
+    evaluation_metrics: Output[Metrics],
+    evaluation_details: Output[Artifact],
 ):
-    """Top-1/top-5 (shown by the KFP UI) and the full metrics JSON with the per-class table."""
+    """Top-1/top-5 (shown by the KFP UI) and the full metrics JSON with the per-class table.
+
+    Idempotent (KFP retries it): it reads the checkpoint and writes only its own outputs.
+    """
     from resnet_imagenet import artifacts, evaluation
 
-    result = evaluation.evaluate(data_uri, model.metadata["uri"], output=metrics_json.path)
+    result = evaluation.evaluate(data_uri, model.metadata["uri"], output=evaluation_details.path)
     for name, value in artifacts.metrics(result).items():
-        metrics.log_metric(name, value)
+        evaluation_metrics.log_metric(name, value)

@@ -12,9 +12,14 @@ def export_saved_model(
     overwrite: bool,
     saved_model: Output[Model],
 ) -> str:
-    """Write EXPORT/1/; returns its URI."""
+    """Write EXPORT/1/; returns its URI.
+
+    KFP retries this step: a version already exported from the same checkpoint (by an attempt
+    that failed after publishing it) is kept, and any other existing version is refused unless
+    ``overwrite``, which replaces it cleanly.
+    """
     from resnet_imagenet import artifacts, export
 
-    path = export.export(model.metadata["uri"], export_uri, overwrite=overwrite)
+    path = export.export(model.metadata["uri"], export_uri, overwrite=overwrite, reuse=True)
     saved_model.metadata.update(artifacts.saved_model(path, saved_model.path))
     return saved_model.metadata["uri"]

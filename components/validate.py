@@ -1,4 +1,5 @@
-"""First step: refuse bad pipeline parameters before any data is converted or GPU requested."""
+"""First step: refuse bad pipeline parameters and unreachable gs:// URIs (pre-flight) before any
+data is converted or GPU requested."""
 
 from typing import List
 
@@ -7,33 +8,45 @@ from components import step
 
 @step
 def validate_parameters(
-    backend: str,
-    workers: int,
-    gpus_per_worker: int,
-    batch_size: int,
+    train_backend: str,
+    train_workers: int,
+    train_gpus_per_worker: int,
+    train_batch_size: int,
     train_steps: int,
-    resnet_size: int,
-    num_classes: int,
-    image_size: int,
-    num_tasks: int,
-    train_shards: int,
-    validation_shards: int,
-    timeout_seconds: int,
-    raw_uri: str,
-    tfrecord_uri: str,
-    model_uri: str,
-    export_uri: str,
+    model_resnet_depth: int,
+    model_num_classes: int,
+    model_image_size: int,
+    tfrecord_tasks: int,
+    tfrecord_shards_train: int,
+    tfrecord_shards_validation: int,
+    train_timeout_seconds: int,
+    train_timeout_max_seconds: int,
+    train_gpu_tolerations: List[dict],
+    step_tolerations: List[dict],
+    data_raw_uri: str,
+    data_tfrecord_uri: str,
+    data_model_uri: str,
+    data_export_uri: str,
 ) -> List[int]:
     """Check the run's parameters; return the conversion task indices for the ParallelFor."""
-    from resnet_imagenet import pipeline_params
+    from resnet_imagenet import pipeline_params, preflight
 
     pipeline_params.validate(
-        backend=backend, workers=workers, gpus_per_worker=gpus_per_worker,
-        batch_size=batch_size, train_steps=train_steps, resnet_size=resnet_size,
-        num_classes=num_classes, image_size=image_size, num_tasks=num_tasks,
-        train_shards=train_shards, validation_shards=validation_shards,
-        timeout_seconds=timeout_seconds,
-        uris={"raw_uri": raw_uri, "tfrecord_uri": tfrecord_uri, "model_uri": model_uri,
-              "export_uri": export_uri},
+        train_backend=train_backend, train_workers=train_workers,
+        train_gpus_per_worker=train_gpus_per_worker, train_batch_size=train_batch_size,
+        train_steps=train_steps, model_resnet_depth=model_resnet_depth,
+        model_num_classes=model_num_classes, model_image_size=model_image_size,
+        tfrecord_tasks=tfrecord_tasks, tfrecord_shards_train=tfrecord_shards_train,
+        tfrecord_shards_validation=tfrecord_shards_validation,
+        train_timeout_seconds=train_timeout_seconds,
+        train_timeout_max_seconds=train_timeout_max_seconds,
+        uris={"data_raw_uri": data_raw_uri, "data_tfrecord_uri": data_tfrecord_uri,
+              "data_model_uri": data_model_uri, "data_export_uri": data_export_uri},
+        tolerations={"train_gpu_tolerations": train_gpu_tolerations,
+                     "step_tolerations": step_tolerations},
     )
-    return pipeline_params.task_indices(num_tasks)
+    for line in preflight.check_pipeline(
+            raw=("data_raw_uri", data_raw_uri), tfrecord=("data_tfrecord_uri", data_tfrecord_uri),
+            outputs={"data_model_uri": data_model_uri, "data_export_uri": data_export_uri}):
+        print(f"pre-flight: {line}")
+    return pipeline_params.task_indices(tfrecord_tasks)

@@ -76,3 +76,32 @@ def saved_model(export_path: str, path: str) -> dict:
 def metrics(result: dict) -> dict[str, float]:
     """The scalar figures of an evaluation result, for a KFP ``Metrics`` artifact."""
     return {key: float(result[key]) for key in ("top1", "top5", "images") if key in result}
+
+
+# The final training figures worth comparing between runs in the KFP UI: name -> the key of
+# train_summary.json (written by the chief at the end of training).
+TRAINING_METRICS = {
+    "final_loss": "loss",
+    "final_cross_entropy": "cross_entropy",
+    "final_train_top1": "train_top1",
+    "images_per_second": "images_per_second",
+    "steps": "step",
+    "epochs": "epoch",
+    "elapsed_hours": "elapsed_seconds",
+}
+
+
+def training_metrics(path: str) -> dict[str, float]:
+    """The final training figures for a KFP ``Metrics`` artifact, from the train_summary.json
+    that :func:`model` copied to the Model artifact's ``path``."""
+    summary_path = os.path.join(path, "train_summary.json")
+    if not os.path.exists(summary_path):
+        raise UserError(f"{path} holds no train_summary.json: training did not finish")
+    with open(summary_path) as f:
+        summary = json.load(f)
+    figures = {}
+    for name, key in TRAINING_METRICS.items():
+        value = summary.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            figures[name] = round(value / 3600, 3) if key == "elapsed_seconds" else float(value)
+    return figures

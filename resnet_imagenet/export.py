@@ -28,7 +28,10 @@ which TF Serving ignores: it only loads numeric folders) and renamed into place.
 a folder cannot be renamed, its files are copied with ``saved_model.pb`` last, so a server
 polling the base path never finds a version folder whose graph is there but variables are not.
 An existing version is refused unless ``--overwrite``; on GCS an overwrite deletes the old files
-before the copy, so a model that is being served is better given a new ``--version``.
+before the copy, so a model that is being served is better given a new ``--version``. With
+``reuse`` (the pipeline's export step, which KFP retries), a version that
+``assets.extra/export.json`` says was exported from the very checkpoint about to be exported is
+kept as it is: a retry after a complete export is a no-op rather than a refusal.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ IMAGES_INPUT = "images"
 TOP_K = 5
 SAVED_MODEL_PB = "saved_model.pb"
 README = "assets.extra/README.md"
+PROVENANCE = "assets.extra/export.json"  # {"checkpoint": ..., "step": ...}: what was exported
 _VERSION_RE = re.compile(r"^\d+$")
 
 
@@ -231,9 +235,24 @@ def _publish(staging: str, target: str) -> None:
         raise
 
 
+def exported_from(path: str) -> str | None:
+    """The checkpoint a SavedModel version was exported from (``assets.extra/export.json``), or
+    None when it does not say (exported before that file existed, or not complete)."""
+    provenance = storage.join(path, *PROVENANCE.split("/"))
+    if not storage.exists(provenance) or not storage.exists(storage.join(path, SAVED_MODEL_PB)):
+        return None
+    try:
+        return json.loads(storage.read_text(provenance)).get("checkpoint")
+    except (ValueError, AttributeError):
+        return None
+
+
 def export(model_dir: str, export_dir: str, checkpoint: str | None = None,
-           overwrite: bool = False, version: int = 1) -> str:
-    """Export a checkpoint (default: the latest) of ``model_dir``; returns ``SAVED/<version>``."""
+           overwrite: bool = False, version: int = 1, reuse: bool = False) -> str:
+    """Export a checkpoint (default: the latest) of ``model_dir``; returns ``SAVED/<version>``.
+
+    ``reuse``: an existing version exported from the same checkpoint is returned as it is.
+    """
     import tensorflow as tf
 
     if version < 1:
@@ -242,11 +261,14 @@ def export(model_dir: str, export_dir: str, checkpoint: str | None = None,
     versions = _versions(export_dir)
     same = [name for number, name in versions if number == version]  # "1" or "0001"
     target = storage.join(export_dir, same[0] if same else str(version))
+    model_dir = storage.normalize(model_dir)
     if same and not overwrite:
+        if reuse and exported_from(target) == evaluation.resolve_checkpoint(model_dir, checkpoint):
+            log.info("%s was exported from %s already: kept", target, exported_from(target))
+            return target
         free = max([number for number, _ in versions] + [version]) + 1
         raise UserError(f"{target} already exists: pass --overwrite to replace it, or "
                         f"--version {free} to add a new version")
-    model_dir = storage.normalize(model_dir)
     config = config_lib.load(model_dir)
     label_map = labels_lib.load(model_dir)
     model = evaluation.build_model(config)
@@ -259,6 +281,8 @@ def export(model_dir: str, export_dir: str, checkpoint: str | None = None,
         tf.saved_model.save(module, staging, signatures=signatures)
         storage.write_text(storage.join(staging, *README.split("/")),
                            _readme(config, restored, version, export_dir, label_map is not None))
+        storage.write_text(storage.join(staging, *PROVENANCE.split("/")), json.dumps(
+            {"checkpoint": restored.checkpoint, "step": restored.step}, indent=2) + "\n")
         _publish(staging, target)
     finally:
         storage.rmtree(staging)

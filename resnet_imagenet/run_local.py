@@ -11,7 +11,8 @@ processes with TF_CONFIG, exactly the contract of a TFJob. The steps' Kubernetes
 
 Layout of WORKDIR (default ./demo):
 
-    raw/                 demo dataset in the raw ImageNet layout (made once)
+    raw/                 demo dataset in the raw ImageNet layout, or (--archives) as the four
+                         official archives (made once; convert reads either)
     tfrecords/           TFRecord shards + manifest.json (converted once, then reused)
     runs/<run id>/model  checkpoints and TensorBoard logs of one run
     runs/<run id>/saved_model/1
@@ -107,6 +108,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the data, models and KFP outputs go (default ./demo)")
     parser.add_argument("--workers", type=int, default=2,
                         help="training worker processes, each with TF_CONFIG (default 2)")
+    parser.add_argument("--archives", action="store_true",
+                        help="build the demo data as the four official ILSVRC2012 archives "
+                        "(read without extracting) instead of the extracted layout; has no "
+                        "effect once WORKDIR/raw exists, which may hold either")
     parser.add_argument("--per-class", type=int, default=None, metavar="N",
                         help="demo images per class when the raw data is built (default: all "
                         "1,797); has no effect once WORKDIR/raw exists")
@@ -130,37 +135,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def pipeline_arguments(args: argparse.Namespace, workdir: str, run_dir: str) -> dict:
     """The pipeline parameters of a local run: the demo recipe and the local backend."""
     return {
-        "raw_uri": storage.join(workdir, "raw"),
-        "tfrecord_uri": storage.join(workdir, "tfrecords"),
-        "model_uri": storage.join(run_dir, "model"),
-        "export_uri": storage.join(run_dir, "saved_model"),
-        "train_shards": DEMO["train_shards"],
-        "validation_shards": DEMO["validation_shards"],
-        "num_tasks": args.num_tasks,
-        "convert_workers": 1,
-        "backend": "local",
-        "workers": args.workers,
-        "gpus_per_worker": 0,
-        "timeout_seconds": 0,
-        "resnet_size": args.resnet_size,
-        "num_classes": DEMO["num_classes"],
-        "image_size": args.image_size,
-        "batch_size": args.batch_size,
+        "data_raw_uri": storage.join(workdir, "raw"),
+        "data_tfrecord_uri": storage.join(workdir, "tfrecords"),
+        "data_model_uri": storage.join(run_dir, "model"),
+        "data_export_uri": storage.join(run_dir, "saved_model"),
+        "tfrecord_shards_train": DEMO["train_shards"],
+        "tfrecord_shards_validation": DEMO["validation_shards"],
+        "tfrecord_tasks": args.num_tasks,
+        "tfrecord_workers_per_task": 1,
+        "train_backend": "local",
+        "train_workers": args.workers,
+        "train_gpus_per_worker": 0,
+        "train_timeout_seconds": 0,
+        "model_resnet_depth": args.resnet_size,
+        "model_num_classes": DEMO["num_classes"],
+        "model_image_size": args.image_size,
+        "train_batch_size": args.batch_size,
         "train_steps": args.train_steps,
         # One checkpoint, at the end: a demo run is short, and each checkpoint is ~100 MB.
-        "checkpoint_every": args.train_steps,
-        "train_args": [*DEMO_TRAIN_ARGS, *args.train_arg],
+        "train_checkpoint_every": args.train_steps,
+        "train_extra_args": [*DEMO_TRAIN_ARGS, *args.train_arg],
     }
 
 
 def _validate(params: dict) -> None:
     """The pipeline's first step, run here too, so bad flags fail before anything starts."""
-    names = ("backend", "workers", "gpus_per_worker", "batch_size", "train_steps",
-             "resnet_size", "num_classes", "image_size", "num_tasks", "train_shards",
-             "validation_shards", "timeout_seconds")
+    names = ("train_backend", "train_workers", "train_gpus_per_worker", "train_batch_size",
+             "train_steps", "model_resnet_depth", "model_num_classes", "model_image_size",
+             "tfrecord_tasks", "tfrecord_shards_train", "tfrecord_shards_validation",
+             "train_timeout_seconds")
     pipeline_params.validate(
         **{name: params[name] for name in names},
-        uris={k: params[k] for k in ("raw_uri", "tfrecord_uri", "model_uri", "export_uri")},
+        uris={k: params[k] for k in ("data_raw_uri", "data_tfrecord_uri", "data_model_uri",
+                                     "data_export_uri")},
     )
 
 
@@ -203,8 +210,15 @@ class PipelineFailed(Exception):
     """A step of the local pipeline failed (its own log says why)."""
 
 
-def _validation_samples(raw_dir: str, count: int) -> list[tuple[str, str]]:
-    """The first ``count`` validation images of the raw layout with their true synsets."""
+def _validation_samples(raw_dir: str, count: int, scratch: str) -> list[tuple[str, str]]:
+    """The first ``count`` validation images of the raw data with their true synsets.
+
+    From the official archives they are copied out of the validation tar into ``scratch``.
+    """
+    from resnet_imagenet.data import archives
+
+    if archives.detect(raw_dir):
+        return archives.validation_samples(raw_dir, count, scratch)
     # ILSVRC2012_val_<n>.JPEG: line n of validation_labels.txt is its synset.
     names = sorted(n for n in storage.listdir(storage.join(raw_dir, "validation"))
                    if _VALIDATION_NAME.match(n))[:count]
@@ -223,25 +237,37 @@ def _predict(saved_model: str, samples: list[tuple[str, str]]) -> list[dict]:
     return results
 
 
+def _training_line(outputs: dict) -> str:
+    """The train step's Metrics artifact (what the KFP UI compares runs by), in one line."""
+    figures = getattr(outputs.get("training_metrics"), "metadata", None) or {}
+    if not figures:
+        return "  training: no figures (the train step logged no metrics)"
+    return (f"  training: final loss {figures.get('final_loss', float('nan')):.4f}, "
+            f"{figures.get('images_per_second', 0):.1f} images/s, "
+            f"{int(figures.get('steps', 0))} steps")
+
+
 def _summary(params: dict, outputs: dict, predictions: list[dict], clock: StepClock,
              pipeline_root: str, report: str) -> str:
-    metrics = json.loads(storage.read_text(outputs["metrics"].path))
-    logs = storage.join(params["model_uri"], "logs")
+    metrics = json.loads(storage.read_text(outputs["evaluation_details"].path))
+    logs = storage.join(params["data_model_uri"], "logs")
     lines = [
         "",
         "=" * 72,
-        f"resnet-imagenet run-local: ResNet-{params['resnet_size']} at {params['image_size']} px, "
-        f"{params['workers']} workers, {params['train_steps']} steps",
+        f"resnet-imagenet run-local: ResNet-{params['model_resnet_depth']} at "
+        f"{params['model_image_size']} px, {params['train_workers']} workers, "
+        f"{params['train_steps']} steps",
         f"  top-1 {metrics['top1']:.2%}   top-5 {metrics['top5']:.2%}   "
         f"({metrics['images']} validation images, step {metrics.get('step', '?')})",
+        _training_line(outputs),
         "",
         f"  SavedModel       {outputs['saved_model_uri']}",
-        f"  checkpoints      {storage.join(params['model_uri'], 'checkpoints')}",
+        f"  checkpoints      {storage.join(params['data_model_uri'], 'checkpoints')}",
         f"  TensorBoard logs {logs}",
-        f"  TFRecords        {params['tfrecord_uri']}",
+        f"  TFRecords        {params['data_tfrecord_uri']}",
         f"  KFP outputs      {pipeline_root}",
         f"  report (HTML)    {report}",
-        f"  metrics (JSON)   {outputs['metrics'].path}",
+        f"  metrics (JSON)   {outputs['evaluation_details'].path}",
         "",
         f"  tensorboard --logdir {logs}",
         "",
@@ -275,24 +301,25 @@ def run(args: argparse.Namespace) -> int:
     run_dir = storage.join(workdir, "runs", time.strftime("%Y%m%d-%H%M%S"))
     params = pipeline_arguments(args, workdir, run_dir)
     _validate(params)
-    if storage.exists(params["model_uri"]):
+    if storage.exists(params["data_model_uri"]):
         raise UserError(f"{run_dir} exists already: wait a second and run again")
     pipeline_root = storage.join(run_dir, "kfp")
     clock = StepClock()
     started = time.time()
 
-    if not storage.exists(params["raw_uri"]):
+    if not storage.exists(params["data_raw_uri"]):
         from resnet_imagenet.data import sample
 
         with clock.measure("sample-data"):
-            sample.build(params["raw_uri"], per_class=args.per_class)
+            sample.build(params["data_raw_uri"], per_class=args.per_class,
+                         as_archives=args.archives)
     try:
         outputs = _run_pipeline(params, pipeline_root, clock)
         predictions = []
         if args.predict:
             with clock.measure("predict"):
-                predictions = _predict(outputs["saved_model_uri"],
-                                       _validation_samples(params["raw_uri"], args.predict))
+                predictions = _predict(outputs["saved_model_uri"], _validation_samples(
+                    params["data_raw_uri"], args.predict, storage.join(run_dir, "samples")))
     except PipelineFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -2,8 +2,10 @@
 
 Everything in the library that touches a file whose location a user chooses goes through this
 module, so the same code runs on a laptop (local directories) and on a cluster (GCS). It is built
-on ``tf.io.gfile``, which speaks both; google-cloud-storage is only used where TensorFlow is not
-involved (KFP launcher pods that never import TensorFlow do not use this module).
+on ``tf.io.gfile``, which speaks both, for the steps where TensorFlow runs anyway (training,
+evaluation, export). Where TensorFlow is not needed (``convert``, ``sample-data``, pre-flight)
+:mod:`resnet_imagenet.fs` offers the same URIs through the standard library and
+google-cloud-storage; the naming helpers here (``normalize``, ``join``, ...) serve both.
 
 URIs: a local path (absolute or relative), ``file:///abs/path`` or ``gs://bucket/key``. Any other
 scheme is refused with a one-line :class:`~resnet_imagenet.errors.UserError`.

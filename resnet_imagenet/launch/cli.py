@@ -1,4 +1,4 @@
-"""Run `resnet-imagenet train` as a Kubeflow TFJob, or as N local worker processes.
+"""Run `resnet-imagenet train` as a Kubeflow TFJob or TrainJob, or as N local worker processes.
 
 Everything after '--' goes to `resnet-imagenet train` unchanged; it must name --data-dir and
 --model-dir. Examples:
@@ -12,15 +12,19 @@ Everything after '--' goes to `resnet-imagenet train` unchanged; it must name --
   # the manifest only, for kubectl apply -f -
   resnet-imagenet launch --dry-run --workers 2 -- --data-dir gs://B/d --model-dir gs://B/m
 
+  # the same on Kubeflow Trainer v2: a TrainJob on the resnet-imagenet-tensorflow runtime
+  resnet-imagenet launch --backend trainjob --workers 4 --gpus-per-worker 1 -- \\
+      --data-dir gs://BUCKET/imagenet/tfrecords --model-dir gs://BUCKET/runs/r50
+
   # the same contract on this machine: 2 processes with TF_CONFIG on 127.0.0.1
   resnet-imagenet launch --backend local --workers 2 -- --data-dir D --model-dir M
 
-The tfjob backend waits for the TFJob to finish and streams worker 0's log. Exit status: 0 when
-training succeeded; 1 when it failed (the failed replica's last log lines are printed) or when
-no replica ran within --start-timeout (the reasons are printed while it waits); 124 after
---timeout and 143 on SIGTERM, all after the TFJob is deleted (the local backend stops its
-processes instead); 2 on bad input, before anything is created. With the same --run-id (by
-default $KFP_RUN_ID) a restarted launcher re-attaches to its TFJob instead of starting another.
+The tfjob and trainjob backends wait for the job to finish and stream worker 0's log. Exit
+status: 0 when training succeeded; 1 when it failed (the failed replica's last log lines are
+printed) or when no replica ran within --start-timeout (the reasons are printed while it
+waits); 124 after --timeout and 143 on SIGTERM, all after the job is deleted (the local backend
+stops its processes instead); 2 on bad input, before anything is created. With the same --run-id
+(by default $KFP_RUN_ID) a restarted launcher re-attaches to its job instead of starting another.
 """
 
 from __future__ import annotations
@@ -31,13 +35,15 @@ import os
 import sys
 
 from resnet_imagenet.errors import UserError
-from resnet_imagenet.launch import cluster, local, tfjob
+from resnet_imagenet.launch import cluster, local, tfjob, trainjob
+
+BACKENDS = ("tfjob", "trainjob", "local")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=("tfjob", "local"), default="tfjob",
-                        help="a TFJob on the current Kubernetes cluster (default), or local "
-                        "processes")
+    parser.add_argument("--backend", choices=BACKENDS, default="tfjob",
+                        help="a TFJob (training-operator v1, default) or a TrainJob (Kubeflow "
+                        "Trainer v2) on the current Kubernetes cluster, or local processes")
     parser.add_argument("--workers", type=int, default=1, help="worker replicas (default 1); "
                         "worker 0 is the chief")
     parser.add_argument("--gpus-per-worker", type=int, default=0,
@@ -109,9 +115,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="flags of 'resnet-imagenet train'")
 
 
-def tfjob_options(args: argparse.Namespace) -> tfjob.TFJobOptions:
-    """The TFJob options the flags describe (validated when the manifest is built)."""
-    return tfjob.TFJobOptions(
+def tfjob_options(args: argparse.Namespace, options=tfjob.TFJobOptions) -> tfjob.TFJobOptions:
+    """The TFJob (or, with ``options=TrainJobOptions``, TrainJob) options the flags describe
+    (validated when the manifest is built)."""
+    return options(
         name=args.name or tfjob.job_name(args.run_id),
         train_args=list(args.train_args),
         namespace=args.namespace,
@@ -146,6 +153,15 @@ def run(args: argparse.Namespace) -> int:
     if args.start_timeout < 0:
         raise UserError(f"--start-timeout {args.start_timeout:g}: must be 0 (wait for ever) or "
                         "more")
+    if args.backend == "trainjob":
+        opts = tfjob_options(args, trainjob.TrainJobOptions)
+        if args.dry_run:
+            sys.stdout.write(trainjob.trainjob_yaml(opts))
+            return 0
+        return cluster.launch_trainjob(
+            opts, kubeconfig=args.kubeconfig, context=args.context, timeout=args.timeout,
+            poll_interval=args.poll_interval, log_tail=args.log_tail,
+            start_timeout=args.start_timeout)
     opts = tfjob_options(args)
     if args.dry_run:
         sys.stdout.write(tfjob.tfjob_yaml(opts))

@@ -53,7 +53,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from resnet_imagenet.errors import UserError
-from resnet_imagenet.launch import tfjob
+from resnet_imagenet.launch import tfjob, trainjob
 from resnet_imagenet.launch.runtime import (FAILED, TIMED_OUT, PrefixedOutput, Terminated,
                                             check_counts, terminate_on_signals)
 
@@ -89,6 +89,7 @@ class JobKind:
     failed: str
     rbac_manifest: str  # the file with the Role that grants the launcher's rights
     rbac_hint: str  # how a 403 message says to apply it
+    installer: str  # what provides the CRD and its controller, with the version targeted
     pod_selector: Callable[[str], str]  # job name -> label selector of all its pods
     # (core API, namespace, job name, request timeout) -> the chief's pod, or None
     chief_pod: Callable[..., object]
@@ -169,7 +170,7 @@ def _one_line(text: str) -> str:
 
 
 def _webhook_denial(exc: ApiException) -> bool:
-    """A 403 from an admission webhook (a refusal of the object), not from RBAC."""
+    """A 403 from an admission webhook (it refuses the object), not from RBAC."""
     return exc.status == 403 and "admission webhook" in _server_message(exc)
 
 
@@ -487,14 +488,15 @@ class JobRun:
             try:
                 with self._api("create"):
                     try:
+                        # Strict: a field the cluster's CRD does not know (an older operator or
+                        # Trainer) is refused, not silently dropped.
                         created = self._custom.create_namespaced_custom_object(
-                            *self._coordinates(), self.body, _request_timeout=self._timeout)
+                            *self._coordinates(), self.body, field_validation="Strict",
+                            _request_timeout=self._timeout)
                     except ApiException as exc:
                         self._ours = "no"  # the server answered: nothing was created
-                        if exc.status in (400, 422) or _webhook_denial(exc):
-                            # The CRD's schema or the operator's webhook: the server says why.
-                            raise UserError(f"the API server refused {self.what}: "
-                                            f"{_one_line(_server_message(exc))}") from None
+                        if exc.status in (400, 404, 422) or _webhook_denial(exc):
+                            raise self._refused(exc) from None
                         if exc.status != 409:
                             raise
                         created = None
@@ -516,6 +518,26 @@ class JobRun:
                 self._pause(deadline)
                 continue
             return self._attach(existing)
+
+    def _refused(self, exc: ApiException) -> UserError:
+        """One line for a create the API server refused: no such resource (the CRD is not
+        installed, or the namespace does not exist), or an invalid object (an older CRD, a
+        webhook or a CEL rule)."""
+        message = _server_message(exc)
+        if exc.status == 404:
+            return UserError(
+                f"cannot create {self.what}: {message}; check that the cluster has "
+                f"{self.kind.resource} from {self.kind.installer} (kubectl api-resources | grep "
+                f"-e tfjobs -e trainjobs) and that namespace '{self.namespace}' exists")
+        hint = ""
+        if "unknown field" in message:
+            hint = (f"; this launcher writes {self.kind.kind}s for {self.kind.installer}, the "
+                    "cluster's CRD is older: upgrade it, or use the other --backend")
+        elif "trainingRuntime must be created" in message:
+            hint = (f"; install the runtimes in namespace '{self.namespace}' (the overlay with "
+                    "../../components/trainer-v2, kubectl apply -k)")
+        return UserError(f"the API server refused {self.what}: {' '.join(message.split())}"
+                         f"{hint}")
 
     def _attach(self, existing: dict) -> dict:
         ours = self.body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
@@ -722,11 +744,11 @@ class JobRun:
 
     def report_failure(self, job: dict) -> None:
         """Log why the job failed and the last lines of each replica that exited non-zero; the
-        last line names the failed pods and their reasons (what a pipeline UI shows first)."""
+        last line says which pod failed and why (what a KFP step's log shows at its end)."""
         cond = _condition(job, self.kind.failed) or {}
-        log.error("%s failed: %s %s", self.what, cond.get("reason", ""),
-                  cond.get("message", ""))
-        culprits: list[str] = []
+        reason = " ".join(filter(None, (cond.get("reason", ""), cond.get("message", ""))))
+        log.error("%s failed: %s", self.what, reason)
+        failed = []
         try:
             with self._api("list", "pods"):
                 pods = self._core.list_namespaced_pod(
@@ -738,10 +760,9 @@ class JobRun:
                 if terminated is None or not terminated.exit_code:
                     continue
                 replica = self.kind.replica_name(pod)
-                culprit = (f"{replica} (pod {pod.metadata.name}) exited with code "
-                           f"{terminated.exit_code} ({terminated.reason or 'Error'})")
-                culprits.append(culprit)
-                log.error("%s; its last %d log lines:", culprit, self._log_tail)
+                failed.append(f"{replica} (pod {pod.metadata.name}) exited with code "
+                              f"{terminated.exit_code} ({terminated.reason or 'Error'})")
+                log.error("%s; its last %d log lines:", failed[-1], self._log_tail)
                 # Restarted since it failed: the failed run is the previous container's.
                 previous = status.state is None or status.state.terminated is None
                 try:
@@ -756,15 +777,13 @@ class JobRun:
                     continue
                 for line in text.splitlines():
                     self._output.write(replica, line)
-            if not culprits:
+            if not failed:
                 log.error("no failed pod of %s is left to read logs from (its clean-up policy "
                           "or TTL removed them); see kubectl -n %s describe %s %s", self.what,
                           self.namespace, self.kind.short, self.name)
         except (UserError, ApiException, urllib3.exceptions.HTTPError) as exc:
             log.error("could not list the failed replicas: %s", _server_message(exc))
-        why = "; ".join(culprits) or " ".join(
-            part for part in (cond.get("reason", ""), cond.get("message", "")) if part)
-        log.error("%s failed: %s", self.what, why or "no reason given")
+        log.error("%s failed: %s", self.what, "; ".join(failed) or reason or "no reason given")
 
     def delete(self) -> bool:
         """Delete the job if it is (or may be) ours, its pods first (Foreground), and wait (up
@@ -901,6 +920,7 @@ TFJOB = JobKind(
     group=tfjob.GROUP, version=tfjob.VERSION, plural=tfjob.PLURAL, kind=tfjob.KIND,
     containers=(tfjob.CONTAINER,), succeeded="Succeeded", failed="Failed",
     rbac_manifest=tfjob.RBAC_MANIFEST, rbac_hint=tfjob.RBAC_HINT,
+    installer="training-operator v1.9",
     pod_selector=lambda name: f"{tfjob.JOB_NAME_LABEL}={name}",
     chief_pod=_tfjob_chief, replica_name=_tfjob_replica, progress=_tfjob_progress,
 )
@@ -911,3 +931,53 @@ def launch_tfjob(opts: tfjob.TFJobOptions, **kwargs) -> int:
     ``opts.active_deadline_seconds`` to the timeout, but the launcher's ``timeout`` is what holds:
     operator v1.9 does not enforce the deadline promptly (a job of 8 s ran on at 79 s)."""
     return launch(TFJOB, opts, tfjob.build_tfjob, **kwargs)
+
+
+def _trainjob_chief(core, namespace: str, job: str, request_timeout):
+    """The pod of completion index 0 of the ``node`` Job (its name has a random suffix, and a
+    replacement pod gets another): the newest one not being deleted, else the newest."""
+    selector = ",".join((f"{trainjob.JOBSET_NAME_LABEL}={job}",
+                         f"{trainjob.REPLICATED_JOB_LABEL}={trainjob.NODE}",
+                         f"{trainjob.COMPLETION_INDEX_LABEL}=0"))
+    pods = core.list_namespaced_pod(namespace, label_selector=selector,
+                                    _request_timeout=request_timeout).items
+    if not pods:
+        return None
+    pods.sort(key=lambda p: (p.metadata.deletion_timestamp is None,
+                             p.metadata.creation_timestamp or 0, p.metadata.name))
+    return pods[-1]
+
+
+def _trainjob_replica(pod) -> str:
+    """``node-1``, ``evaluator-0``: the replicated job and the pod's completion index."""
+    labels = pod.metadata.labels or {}
+    return "-".join((labels.get(trainjob.REPLICATED_JOB_LABEL, "pod"),
+                     labels.get(trainjob.COMPLETION_INDEX_LABEL, "?")))
+
+
+def _trainjob_progress(status: dict) -> str | None:
+    """``node active=2 ready=2 succeeded=0 failed=0`` from ``status.jobsStatus``."""
+    jobs = status.get("jobsStatus")
+    if not jobs:
+        return None
+    return "; ".join(
+        f"{job.get('name')} " + " ".join(f"{k}={job.get(k, 0)}"
+                                         for k in ("active", "ready", "succeeded", "failed"))
+        for job in sorted(jobs, key=lambda j: j.get("name", "")))
+
+
+TRAINJOB = JobKind(
+    group=trainjob.GROUP, version=trainjob.VERSION, plural=trainjob.PLURAL, kind=trainjob.KIND,
+    containers=(trainjob.NODE, trainjob.EVALUATOR), succeeded="Complete", failed="Failed",
+    rbac_manifest=trainjob.RBAC_MANIFEST, rbac_hint=trainjob.RBAC_HINT,
+    installer="Kubeflow Trainer v2.2 or later",
+    pod_selector=lambda name: f"{trainjob.JOBSET_NAME_LABEL}={name}",
+    chief_pod=_trainjob_chief, replica_name=_trainjob_replica, progress=_trainjob_progress,
+    chief_prefix=f"{trainjob.NODE}-0",
+)
+
+
+def launch_trainjob(opts: trainjob.TrainJobOptions, **kwargs) -> int:
+    """:func:`launch` for a TrainJob (Kubeflow Trainer v2); ``opts.active_deadline_seconds``
+    becomes its ``spec.activeDeadlineSeconds``."""
+    return launch(TRAINJOB, opts, trainjob.build_trainjob, **kwargs)

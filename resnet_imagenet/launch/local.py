@@ -24,7 +24,6 @@ Process management is what makes this safe to use from a pipeline:
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 import shlex
@@ -40,6 +39,7 @@ from typing import IO
 from resnet_imagenet.errors import UserError
 from resnet_imagenet.launch.runtime import (FAILED, TIMED_OUT, PrefixedOutput, Terminated,
                                             check_counts, terminate_on_signals, train_dirs)
+from resnet_imagenet.training import strategy
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,9 @@ def free_ports(count: int) -> list[int]:
 
 
 def tf_config(workers: list[str], task_type: str, index: int) -> str:
-    """TF_CONFIG as training-operator v1.9 writes it: Go's compact JSON, key order included."""
-    return json.dumps({
-        "cluster": {"worker": workers},
-        "task": {"type": task_type, "index": index},
-        "environment": "cloud",
-    }, separators=(",", ":"))
+    """TF_CONFIG as training-operator v1.9 writes it (and the trainer builds it under Trainer
+    v2): Go's compact JSON, key order included."""
+    return strategy.tf_config_json(workers, task_type, index)
 
 
 @dataclass

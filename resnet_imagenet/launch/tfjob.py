@@ -105,6 +105,9 @@ class TFJobOptions:
     run_as_user: int = 10001  # the trainer image's non-root user (images/trainer/Dockerfile)
     run_id: str = ""
 
+    # Who derives what name from the job's name (for the error about a name too long).
+    NAMES = "the operator names a Service"
+
     def replica_suffixes(self) -> list[str]:
         """What the operator appends to the job name for pods and Services: ``-worker-<i>``..."""
         suffixes = [f"-worker-{self.workers - 1}"]
@@ -114,7 +117,7 @@ class TFJobOptions:
 
     def validate(self) -> "TFJobOptions":
         check_counts(self.workers, self.gpus_per_worker)
-        validate_job_name(self.name, self.replica_suffixes())
+        validate_job_name(self.name, self.replica_suffixes(), self.NAMES)
         if self.namespace is not None:
             _check_name("--namespace", self.namespace, _DNS1123_LABEL, 63)
         for flag, value in (("--service-account", self.service_account),
@@ -185,7 +188,8 @@ def _check_name(flag: str, value: str, pattern: re.Pattern, longest: int) -> Non
         )
 
 
-def validate_job_name(name: str, suffixes: list[str]) -> None:
+def validate_job_name(name: str, suffixes: list[str],
+                      names: str = TFJobOptions.NAMES) -> None:
     """A TFJob name the operator accepts *and* can derive valid pod and Service names from.
 
     The webhook checks only the job name; the Services it then creates, ``<name>-worker-<i>``,
@@ -197,7 +201,7 @@ def validate_job_name(name: str, suffixes: list[str]) -> None:
     longest = max(suffixes, key=len)
     if len(name) + len(longest) > schema.DNS1035_MAX:
         raise UserError(
-            f"--name {name!r} is too long: the operator names a Service '{name}{longest}', which "
+            f"--name {name!r} is too long: {names} '{name}{longest}', which "
             f"must fit in {schema.DNS1035_MAX} characters; use at most "
             f"{schema.DNS1035_MAX - len(longest)}"
         )

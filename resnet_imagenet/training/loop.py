@@ -261,6 +261,7 @@ class _Trainer:
         self.config = config.updated(data_dir=storage.normalize(config.data_dir),
                                      model_dir=storage.normalize(config.model_dir))
         # Everything that can be refused is checked before a server starts or a file is written.
+        strategy_lib.ensure_tf_config()  # under Trainer v2, from what JobSet gives the pod
         self.cluster = strategy_lib.cluster_from_env()
         self.train_pattern = tfrecord.shard_pattern(self.config.data_dir, "train")
         files = pipeline.list_files(self.train_pattern)

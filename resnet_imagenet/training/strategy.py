@@ -9,6 +9,11 @@
 
 ``TF_CONFIG`` is parsed and checked here before TensorFlow starts any server, so a malformed one
 is a one-line error rather than a gRPC stack trace or a hang.
+
+Under Kubeflow Trainer v2 nobody injects ``TF_CONFIG`` (its PlainML policy leaves it to the
+user): :func:`tf_config_from_jobset` builds it, the same shape, from what JobSet gives each pod of
+the ``resnet-imagenet-tensorflow`` runtime, and :func:`ensure_tf_config` sets it before the
+strategy starts.
 """
 
 from __future__ import annotations
@@ -23,6 +28,21 @@ from resnet_imagenet.errors import UserError
 log = logging.getLogger(__name__)
 
 WORKER_JOBS = ("chief", "worker")
+PORT = 2222  # the workers' gRPC port: the training operator's, and the runtime's containerPort
+
+# What a pod of the resnet-imagenet-tensorflow TrainingRuntime has (manifests/components/
+# trainer-v2).
+# The Job controller sets the completion index in every pod of an Indexed Job:
+COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
+# The runtime copies JobSet's pod labels into these (Downward API):
+JOBSET_NAME_ENV = "JOBSET_NAME"  # jobset.sigs.k8s.io/jobset-name: the TrainJob's name
+REPLICATED_JOB_ENV = "JOBSET_REPLICATED_JOB"  # jobset.sigs.k8s.io/replicatedjob-name: "node"
+JOB_INDEX_ENV = "JOBSET_JOB_INDEX"  # jobset.sigs.k8s.io/job-index: 0 (one node Job)
+# The TrainJob's spec.trainer.env (the launcher sets it to numNodes): no label carries it.
+NUM_NODES_ENV = "RESNET_IMAGENET_NUM_NODES"
+# Optional: the runtime's spec.network.subdomain; JobSet's default is the JobSet's name.
+SUBDOMAIN_ENV = "JOBSET_SUBDOMAIN"
+_JOBSET_ENVS = (COMPLETION_INDEX_ENV, JOBSET_NAME_ENV, REPLICATED_JOB_ENV, JOB_INDEX_ENV)
 
 
 @dataclass(frozen=True)
@@ -52,6 +72,63 @@ class Cluster:
     @property
     def is_chief(self) -> bool:
         return self.worker_id == 0
+
+
+def tf_config_json(workers: list[str], task_type: str, index: int) -> str:
+    """TF_CONFIG as training-operator v1.9 writes it: Go's compact JSON, key order included."""
+    return json.dumps({
+        "cluster": {"worker": workers},
+        "task": {"type": task_type, "index": index},
+        "environment": "cloud",
+    }, separators=(",", ":"))
+
+
+def tf_config_from_jobset(environ=None) -> str | None:
+    """TF_CONFIG for a pod of a JobSet's Indexed Job, or None outside one (no
+    ``RESNET_IMAGENET_NUM_NODES``).
+
+    Worker ``i`` is the pod of completion index ``i``; JobSet gives it the hostname
+    ``<jobset>-<replicated job>-<job index>-<i>`` and the subdomain of its headless Service
+    (named after the JobSet), so its address is ``<that>.<subdomain>:2222``, the form Trainer v2
+    itself uses for a runtime's endpoints.
+    """
+    environ = os.environ if environ is None else environ
+    if NUM_NODES_ENV not in environ:
+        return None
+    missing = [name for name in _JOBSET_ENVS if not environ.get(name, "").strip()]
+    if missing:
+        raise UserError(
+            f"{NUM_NODES_ENV} is set but {', '.join(missing)} is not: run the TrainJob with the "
+            "resnet-imagenet-tensorflow runtime (manifests/components/trainer-v2), which sets "
+            "them, or set TF_CONFIG yourself"
+        )
+    numbers = {}
+    for name in (NUM_NODES_ENV, COMPLETION_INDEX_ENV, JOB_INDEX_ENV):
+        try:
+            numbers[name] = int(environ[name])
+        except ValueError:
+            raise UserError(f"{name}={environ[name]!r} is not a whole number") from None
+    nodes, index = numbers[NUM_NODES_ENV], numbers[COMPLETION_INDEX_ENV]
+    if not 0 <= index < nodes:
+        raise UserError(f"{COMPLETION_INDEX_ENV}={index} is out of range for {NUM_NODES_ENV}="
+                        f"{nodes}: the TrainJob's numNodes and its environment disagree")
+    jobset = environ[JOBSET_NAME_ENV].strip()
+    subdomain = environ.get(SUBDOMAIN_ENV, "").strip() or jobset
+    prefix = f"{jobset}-{environ[REPLICATED_JOB_ENV].strip()}-{numbers[JOB_INDEX_ENV]}"
+    workers = [f"{prefix}-{i}.{subdomain}:{PORT}" for i in range(nodes)]
+    return tf_config_json(workers, "worker", index)
+
+
+def ensure_tf_config(environ=None) -> None:
+    """Set TF_CONFIG from JobSet's environment when it is absent (see
+    :func:`tf_config_from_jobset`); an existing TF_CONFIG always wins."""
+    environ = os.environ if environ is None else environ
+    if environ.get("TF_CONFIG", "").strip():
+        return
+    built = tf_config_from_jobset(environ)
+    if built is not None:
+        environ["TF_CONFIG"] = built
+        log.info("TF_CONFIG from the JobSet: %s", built)
 
 
 def cluster_from_env(environ=None) -> Cluster:

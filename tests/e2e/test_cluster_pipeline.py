@@ -154,17 +154,18 @@ def pipeline_arguments(work: str) -> dict:
     """A small run of the real pipeline: the demo dataset, ResNet-18 at 64 px, 2 workers."""
     gpus = int(os.environ.get("RESNET_E2E_GPUS", "1"))
     arguments = {
-        "raw_uri": f"{work}/raw",
-        "tfrecord_uri": f"{work}/tfrecords",
-        "export_uri": f"{work}/export",
-        "train_shards": 4, "validation_shards": 2, "num_tasks": 2, "convert_workers": 2,
-        "workers": 2, "gpus_per_worker": gpus,
-        "resnet_size": 18, "image_size": 64, "batch_size": 32, "train_steps": 200,
-        "checkpoint_every": 100, "timeout_seconds": 3600,
+        "data_raw_uri": f"{work}/raw",
+        "data_tfrecord_uri": f"{work}/tfrecords",
+        "data_export_uri": f"{work}/export",
+        "tfrecord_shards_train": 4, "tfrecord_shards_validation": 2, "tfrecord_tasks": 2,
+        "tfrecord_workers_per_task": 2,
+        "train_workers": 2, "train_gpus_per_worker": gpus,
+        "model_resnet_depth": 18, "model_image_size": 64, "train_batch_size": 32,
+        "train_steps": 200, "train_checkpoint_every": 100, "train_timeout_seconds": 3600,
     }
     if OVERLAY == "gke-gpu" and gpus:
         accelerator = os.environ.get("RESNET_E2E_ACCELERATOR", "nvidia-l4")
-        arguments["gpu_node_selector"] = {"cloud.google.com/gke-accelerator": accelerator}
+        arguments["train_gpu_node_selector"] = {"cloud.google.com/gke-accelerator": accelerator}
     return arguments
 
 
@@ -175,6 +176,7 @@ def test_pipeline_runs_and_tensorboard_shows_it(applied, tensorboard, logdir, tm
     import kfp
 
     from compile_pipeline import compile_pipeline
+    from pipelines.resnet50_imagenet import Options
     from resnet_imagenet import storage
     from resnet_imagenet.data import sample
 
@@ -183,10 +185,12 @@ def test_pipeline_runs_and_tensorboard_shows_it(applied, tensorboard, logdir, tm
     work = f"{setting('RESNET_E2E_BUCKET')}/resnet-imagenet/e2e/{run_name}"
     model_uri = f"{logdir}/{run_name}"
     sample.build(f"{work}/raw", seed=0)
-    package = compile_pipeline(str(tmp_path / "pipeline.yaml"))
+    # Outside GKE the steps and the training pods read the bucket with the overlay's key.
+    package = compile_pipeline(str(tmp_path / "pipeline.yaml"), Options(
+        bucket_key_secret="resnet-imagenet-gcp-key" if OVERLAY == "generic" else ""))
     client = kfp.Client(host=host, namespace=applied)
     run = client.create_run_from_pipeline_package(
-        package, arguments={**pipeline_arguments(work), "model_uri": model_uri},
+        package, arguments={**pipeline_arguments(work), "data_model_uri": model_uri},
         run_name=run_name, experiment_name="resnet-imagenet-e2e", namespace=applied,
         service_account=SERVICE_ACCOUNT, enable_caching=False)
     finished = client.wait_for_run_completion(run.run_id, timeout=2 * 3600 - 300)

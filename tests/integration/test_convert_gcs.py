@@ -53,3 +53,22 @@ def test_convert_on_gcs_in_two_tasks_equals_local_and_resumes(gcs_bucket, tmp_pa
     resumed = convert.convert(raw, out, **SHARDS, workers=1)
     assert resumed["written"] == ["train-00001-of-00004", "validation-00001-of-00002"]
     assert download(gcs_bucket, "out") == tree(local)
+
+
+def test_convert_from_archives_on_gcs_equals_local_extracted(gcs_bucket, tmp_path):
+    """sample-data --archives writes to gs:// (google-cloud-storage uploads); two workers read
+    the archives there with ranged reads and write the shards to gs://."""
+    raw_local = tmp_path / "raw"
+    sample.build(str(raw_local), seed=3, per_class=4)
+    local = tmp_path / "local"
+    convert.convert(str(raw_local), str(local), **SHARDS, workers=1)
+    raw = f"{gcs_bucket}/archives"
+    sample.build(raw, seed=3, per_class=4, as_archives=True)
+    out = f"{gcs_bucket}/out"
+
+    result = convert.convert(raw, out, **SHARDS, workers=2)
+    assert result["manifest"]["train"]["images"] + result["manifest"]["validation"]["images"] == 40
+    written = download(gcs_bucket, "out")
+    assert {k: v for k, v in written.items() if not k.startswith("_shards/archives/")} == \
+        tree(local)
+    assert "_shards/archives/train-n00000007.json" in written

@@ -68,6 +68,11 @@ def test_the_pipeline_runs_end_to_end(first_run):
     assert metrics["step"] == 6
     assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
     assert f"top-1 {metrics['top1']:.2%}   top-5 {metrics['top5']:.2%}" in stdout
+    # The train step's Metrics artifact: the final training figures of the run's summary.
+    summary = json.loads(open(os.path.join(summary_path(stdout, "checkpoints"), os.pardir,
+                                           "train_summary.json")).read())
+    assert (f"  training: final loss {summary['loss']:.4f}, "
+            f"{summary['images_per_second']:.1f} images/s, 6 steps") in stdout
 
     saved_model = summary_path(stdout, "SavedModel")
     assert saved_model.startswith(str(workdir / "runs")) and saved_model.endswith("/1")
@@ -109,7 +114,27 @@ def test_bad_flags_fail_before_anything_starts(tmp_path):
     result = run_local(tmp_path / "w", "--batch-size", "15")
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "error: pipeline parameter batch_size=15 is not divisible by the 2 CPU workers "
-        "(gpus_per_worker=0): every replica needs the same share of the global batch, "
+        "error: pipeline parameter train_batch_size=15 is not divisible by the 2 CPU workers "
+        "(train_gpus_per_worker=0): every replica needs the same share of the global batch, "
         "use e.g. 14")
     assert not (tmp_path / "w").exists()
+
+
+def test_the_pipeline_runs_from_the_official_archives(tmp_path):
+    """run-local --archives: the demo data as the four ILSVRC2012 archives, which the
+    pipeline's convert tasks read without extracting; predictions come out of the val tar."""
+    workdir = tmp_path / "demo"
+    result = run_local(workdir, "--archives", "--train-steps", "2", "--predict", "2")
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    steps = step_times(result.stdout)
+    assert {"sample-data", "convert-shards", "finalize-dataset", "predict"} <= set(steps)
+    assert set(steps.values()) == {"SUCCESS"}
+    assert sorted(os.listdir(workdir / "raw")) == sorted([
+        "ILSVRC2012_bbox_train_v2.tar.gz", "ILSVRC2012_devkit_t12.tar.gz",
+        "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"])
+    manifest = json.loads((workdir / "tfrecords" / "manifest.json").read_text())
+    assert (manifest["train"]["images"], manifest["validation"]["images"]) == (80, 20)
+    assert manifest["class_text"]["n00000003"] == "digit three"  # from the devkit's meta.mat
+    predictions = re.findall(r"^\s{4}ILSVRC2012_val_\d{8}\.JPEG: (n\d{8}) .* \((ok|wrong, "
+                             r"true n\d{8})\)$", result.stdout, re.M)
+    assert len(predictions) == 2

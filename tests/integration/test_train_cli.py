@@ -97,3 +97,15 @@ def test_required_directories_and_bad_tf_config(tmp_path):
     result = run_cli("--data-dir", str(tmp_path), "--model-dir", str(tmp_path / "m"),
                      TF_CONFIG='{"cluster": ')
     assert result.returncode == 2 and "error: TF_CONFIG is not valid JSON" in result.stderr
+
+
+def test_under_trainer_v2_the_trainer_builds_tf_config_from_the_jobset_env(tmp_path):
+    """A TrainJob pod has no TF_CONFIG: the trainer builds it from JobSet's environment before
+    anything else (tests/unit/test_tf_config_jobset.py has the cases)."""
+    result = run_cli("--data-dir", str(tmp_path / "nothing"), "--model-dir",
+                     str(tmp_path / "m"), RESNET_IMAGENET_NUM_NODES="2",
+                     JOB_COMPLETION_INDEX="1", JOBSET_NAME="r", JOBSET_REPLICATED_JOB="node",
+                     JOBSET_JOB_INDEX="0")
+    assert 'TF_CONFIG from the JobSet: {"cluster":{"worker":["r-node-0-0.r:2222",' \
+           '"r-node-0-1.r:2222"]},"task":{"type":"worker","index":1}' in result.stderr
+    assert result.returncode == 2 and "no TFRecord shards match" in result.stderr

@@ -1,5 +1,6 @@
 """The compiled pipeline: a valid KFP PipelineSpec with the steps in DAG order, the reference
-recipe as defaults, Kubernetes settings from kfp-kubernetes, and no GPU in any step."""
+recipe as defaults, Kubernetes settings from kfp-kubernetes, and no GPU in any step; a run form
+that reads in order, deadlines, retries, the ParallelFor bound and the bucket key option."""
 
 from __future__ import annotations
 
@@ -14,19 +15,31 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 
 import compile_pipeline
 from components import images
+from pipelines.resnet50_imagenet import Options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory) -> tuple[pipeline_spec_pb2.PipelineSpec, dict, dict]:
+def compile_with(tmp_path_factory, options=None):
     path = str(tmp_path_factory.mktemp("compiled") / "pipeline.yaml")
-    assert compile_pipeline.compile_pipeline(path) == path
+    assert compile_pipeline.compile_pipeline(path, options) == path
     with open(path) as f:
         pipeline_doc, platform_doc = yaml.safe_load_all(f)
     spec = json_format.ParseDict(pipeline_doc, pipeline_spec_pb2.PipelineSpec())
     platform = json_format.ParseDict(platform_doc, pipeline_spec_pb2.PlatformSpec())
     return spec, pipeline_doc, json_format.MessageToDict(platform)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> tuple[pipeline_spec_pb2.PipelineSpec, dict, dict]:
+    return compile_with(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def compiled_for_2_14_with_key(tmp_path_factory):
+    return compile_with(tmp_path_factory, Options(
+        kfp_backend="2.14", convert_parallelism=3, bucket_key_secret="resnet-imagenet-gcp-key",
+        convert_deadline=5 * 3600, train_timeout_max=2 * 86400))
 
 
 def dag_of(spec, component: str):
@@ -97,6 +110,8 @@ def test_conversion_is_a_parallel_for_skipped_when_the_dataset_exists(compiled):
         "pipelinechannel--validate-parameters-Output")
     convert = dag_of(spec, loop.component_ref.name).tasks["convert-shards"]
     assert convert.retry_policy.max_retry_count == 3
+    # Bounded fan-out: at most 8 conversion pods at once.
+    assert loop.iterator_policy.parallelism_limit == 8
 
 
 def test_defaults_are_the_reference_recipe(compiled):
@@ -104,15 +119,62 @@ def test_defaults_are_the_reference_recipe(compiled):
     params = spec.root.input_definitions.parameters
     defaults = {name: json_format.MessageToDict(p.default_value) for name, p in params.items()
                 if p.HasField("default_value")}
-    assert defaults["backend"] == "tfjob"
-    assert {k: int(defaults[k]) for k in ("workers", "gpus_per_worker", "batch_size",
-                                          "train_steps", "resnet_size", "image_size",
-                                          "train_shards", "validation_shards")} == {
-        "workers": 4, "gpus_per_worker": 1, "batch_size": 256, "train_steps": 500_000,
-        "resnet_size": 50, "image_size": 224, "train_shards": 1024, "validation_shards": 128}
-    assert defaults["trainer_image"] == images.TRAINER_IMAGE
-    for required in ("raw_uri", "tfrecord_uri", "model_uri", "export_uri"):
+    assert defaults["train_backend"] == "tfjob"
+    names = ("train_workers", "train_gpus_per_worker", "train_batch_size", "train_steps",
+             "model_resnet_depth", "model_image_size", "tfrecord_shards_train",
+             "tfrecord_shards_validation", "train_timeout_seconds")
+    assert {k: int(defaults[k]) for k in names} == {
+        "train_workers": 4, "train_gpus_per_worker": 1, "train_batch_size": 256,
+        "train_steps": 500_000, "model_resnet_depth": 50, "model_image_size": 224,
+        "tfrecord_shards_train": 1024, "tfrecord_shards_validation": 128,
+        "train_timeout_seconds": 7 * 86400}
+    assert defaults["train_image"] == images.TRAINER_IMAGE
+    for required in ("data_raw_uri", "data_tfrecord_uri", "data_model_uri", "data_export_uri"):
         assert not params[required].is_optional and required not in defaults
+
+
+def test_the_run_form_reads_in_order(compiled):
+    """The KFP UI lists `name - type` alphabetically: the four URIs (the only required
+    parameters) come first and together, every other name carries its group as a prefix."""
+    spec, _, _ = compiled
+    params = spec.root.input_definitions.parameters
+    form = sorted(params)
+    assert form[:4] == ["data_export_uri", "data_model_uri", "data_raw_uri",
+                        "data_tfrecord_uri"]
+    assert {n for n, p in params.items() if not p.HasField("default_value")} == set(form[:4])
+    groups = [name.split("_", 1)[0] for name in form]
+    assert groups == sorted(groups), "a group is split up in the form"
+    assert set(groups) == {"data", "export", "model", "step", "tfrecord", "train"}
+    # One toleration format for both pools: lists of Kubernetes toleration objects.
+    assert params["step_tolerations"].parameter_type == params["train_gpu_tolerations"] \
+        .parameter_type == pipeline_spec_pb2.ParameterType.LIST
+    assert spec.pipeline_info.display_name == "ResNet-50 on ImageNet"
+
+
+def test_no_two_outputs_share_a_name_and_training_figures_are_metrics(compiled):
+    """Each name is one artifact: the steps' outputs differ, and a pipeline output carries the
+    name of the step output it forwards (before, the pipeline's `metrics` was the evaluation's
+    JSON while the evaluation's `metrics` was its Metrics artifact)."""
+    spec, _, _ = compiled
+    producers: dict[str, set] = {}
+    for name, component in spec.components.items():
+        if component.WhichOneof("implementation") != "dag":
+            for output in component.output_definitions.artifacts:
+                producers.setdefault(output, set()).add(name)
+    # Only the two branches of the dataset's dsl.OneOf make the same artifact.
+    assert {k: v for k, v in producers.items() if len(v) > 1} == {
+        "dataset": {"comp-finalize-dataset", "comp-use-existing-dataset"}}
+    seen = {k: min(v) for k, v in producers.items()}
+    assert "metrics" not in seen
+    for name, selected in spec.root.dag.outputs.artifacts.items():
+        (selector,) = selected.artifact_selectors
+        assert selector.output_artifact_key == name
+    assert seen["training_metrics"] == "comp-train"
+    assert seen["evaluation_metrics"] == "comp-evaluate"
+    train_outputs = spec.components["comp-train"].output_definitions.artifacts
+    assert train_outputs["training_metrics"].artifact_type.schema_title == "system.Metrics"
+    assert set(spec.root.output_definitions.artifacts) == {
+        "training_metrics", "evaluation_details", "report"}
 
 
 def test_no_step_requests_a_gpu(compiled):
@@ -143,9 +205,94 @@ def test_kubernetes_platform_config(compiled):
             "step_node_selector"), name
         assert config["tolerations"][0]["tolerationJson"]["componentInputParameter"].endswith(
             "step_tolerations"), name
+        assert "secretAsVolume" not in config, name  # the bucket key is off by default
     env = {e["name"]: e["fieldPath"] for e in k8s["exec-train"]["fieldPathAsEnv"]}
     assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace",
                    "POD_UID": "metadata.uid"}
+    assert not any("env" in e["container"] for e in doc["deploymentSpec"]["executors"].values())
+
+
+HOUR, DAY = 3600, 86400
+DEADLINES = {  # executor -> pod deadline with the default options
+    "exec-validate-parameters": HOUR // 2, "exec-dataset-ready": HOUR // 2,
+    "exec-convert-shards": 12 * HOUR, "exec-finalize-dataset": HOUR // 2,
+    "exec-use-existing-dataset": HOUR // 2, "exec-train": 14 * DAY + HOUR,
+    "exec-evaluate": 6 * HOUR, "exec-export-saved-model": 2 * HOUR,
+    "exec-training-report": HOUR // 2,
+}
+
+
+def test_every_step_and_the_run_have_a_deadline_and_the_run_a_ttl(compiled):
+    _, _, platform = compiled
+    kubernetes = platform["platforms"]["kubernetes"]
+    executors = kubernetes["deploymentSpec"]["executors"]
+    assert {name: int(c["activeDeadlineSeconds"]) for name, c in executors.items()} == DEADLINES
+    config = kubernetes["pipelineConfig"]
+    # The longest training (14 days) + 1 h for the launcher to delete the job + the longest
+    # path of the other steps with one retry each (conversion in two waves).
+    others = 2 * (HOUR // 2) + 4 * 12 * HOUR + 2 * (HOUR // 2) + 2 * 6 * HOUR + 2 * 2 * HOUR
+    assert config == {"activeDeadlineSeconds": 14 * DAY + HOUR + others,
+                      "resourceTtlOnCompletion": 7 * DAY}
+
+
+def test_idempotent_steps_retry_with_backoff_and_train_does_not(compiled):
+    spec, _, _ = compiled
+    policies = {}
+    for component in ["root", *spec.components]:
+        if component == "root" or spec.components[component].WhichOneof("implementation") == "dag":
+            for name, task in dag_of(spec, component).tasks.items():
+                if spec.components[task.component_ref.name].WhichOneof("implementation") != "dag":
+                    policies[name] = task.retry_policy
+    assert {n for n, p in policies.items() if p.max_retry_count} == {
+        "dataset-ready", "convert-shards", "finalize-dataset", "use-existing-dataset",
+        "evaluate", "export-saved-model", "training-report"}
+    for name in ("evaluate", "export-saved-model", "training-report", "finalize-dataset"):
+        policy = policies[name]
+        assert (policy.max_retry_count, policy.backoff_duration.seconds,
+                policy.backoff_factor, policy.backoff_max_duration.seconds) == (3, 30, 2.0, 3600)
+    assert policies["convert-shards"].backoff_duration.seconds == 15
+
+
+def test_options_for_backend_2_14_with_the_bucket_key(compiled_for_2_14_with_key):
+    """--kfp-backend 2.14: no PipelineConfig; the compile-time options reach the YAML; the
+    bucket key Secret is mounted into every step and handed to the training job."""
+    spec, doc, platform = compiled_for_2_14_with_key
+    kubernetes = platform["platforms"]["kubernetes"]
+    assert "pipelineConfig" not in kubernetes
+    executors = kubernetes["deploymentSpec"]["executors"]
+    assert int(executors["exec-convert-shards"]["activeDeadlineSeconds"]) == 5 * HOUR
+    assert int(executors["exec-train"]["activeDeadlineSeconds"]) == 2 * DAY + HOUR
+    for name, config in executors.items():
+        (secret,) = config["secretAsVolume"]
+        assert secret["secretNameParameter"]["runtimeValue"]["constant"] == \
+            "resnet-imagenet-gcp-key", name
+        assert secret["mountPath"] == "/var/secrets/google", name
+        env = doc["deploymentSpec"]["executors"][name]["container"]["env"]
+        assert env == [{"name": "GOOGLE_APPLICATION_CREDENTIALS",
+                        "value": "/var/secrets/google/key.json"}], name
+    train_inputs = spec.root.dag.tasks["train"].inputs.parameters
+    assert train_inputs["gcs_secret"].runtime_value.constant.string_value == \
+        "resnet-imagenet-gcp-key"
+    validate_inputs = spec.root.dag.tasks["validate-parameters"].inputs.parameters
+    assert validate_inputs["train_timeout_max_seconds"].runtime_value.constant.number_value \
+        == 2 * DAY
+    loop = next(task for c in spec.components.values() if c.WhichOneof("implementation") == "dag"
+                for task in c.dag.tasks.values() if task.WhichOneof("iterator"))
+    assert loop.iterator_policy.parallelism_limit == 3
+
+
+def test_bad_compile_options_are_one_line_errors(tmp_path, capsys):
+    output = tmp_path / "out.yaml"
+    assert compile_pipeline.main(["--output", str(output), "--convert-parallelism", "0"]) == 2
+    assert capsys.readouterr().err == "error: --convert-parallelism 0 must be at least 1\n"
+    assert compile_pipeline.main(["--output", str(output), "--export-deadline", "30"]) == 2
+    assert "--export-deadline 30 s is too short" in capsys.readouterr().err
+    assert not output.exists() and list(tmp_path.iterdir()) == []
+    with pytest.raises(SystemExit):
+        compile_pipeline.main(["--output", str(output), "--convert-deadline", "12 hours"])
+    assert "'12 hours' is not a duration" in capsys.readouterr().err
+    assert compile_pipeline.duration("12h") == 12 * HOUR
+    assert compile_pipeline.duration("14d") == 14 * DAY
 
 
 def test_steps_need_no_pip_install_at_run_time(compiled):
@@ -191,7 +338,8 @@ def test_repository_versions_file_is_the_source(monkeypatch):
 def test_compile_script_with_registry_override(tmp_path):
     output = tmp_path / "out.yaml"
     env = {**os.environ, "RESNET_IMAGENET_REGISTRY": "eu.gcr.io/proj", "RESNET_IMAGENET_TAG": "9.9"}
-    result = subprocess.run([sys.executable, "compile_pipeline.py", "--output", str(output)],
+    result = subprocess.run([sys.executable, "compile_pipeline.py", "--output", str(output),
+                             "--kfp-backend", "2.14"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"wrote {output}"
@@ -199,3 +347,5 @@ def test_compile_script_with_registry_override(tmp_path):
     assert "image: eu.gcr.io/proj/resnet-imagenet-launcher:9.9" in text
     assert "eu.gcr.io/proj/resnet-imagenet-trainer:9.9" in text
     assert "ghcr.io/example" not in text
+    assert "pipelineConfig" not in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.yaml"]  # no temporary left

@@ -319,4 +319,8 @@ def test_benchmark_reports_both_rates(tmp_path, capsys):
     assert figures["converter_images_per_s"] > 0 and figures["baseline_images_per_s"] > 0
     assert figures["ratio"] == pytest.approx(  # one round: the ratio of its two rates
         figures["converter_images_per_s"] / figures["baseline_images_per_s"])
-    assert "ratio" in capsys.readouterr().out
+    # a fresh command: a handful of images, then the whole (12-image) input
+    assert 0 < figures["cold_start_s"] and figures["fresh_run_images"] == 12
+    assert 0 < figures["fresh_run_s"]
+    out = capsys.readouterr().out
+    assert "ratio" in out and "cold start: a fresh 'convert --workers 1' of 10 small images" in out

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from resnet_imagenet import cli, export
+from resnet_imagenet.errors import UserError
 from tests.support.model_dir import (  # noqa: F401  (fixtures)
     checkpoint_logits,
     exported_model,
@@ -186,6 +187,27 @@ def test_an_existing_version_is_refused_and_overwrite_exports_float32(
     assert pb.stat().st_mtime_ns != before[0]
     assert os.listdir(export_dir) == ["1"]
     assert _half_precision_ops(str(export_dir / "1")) == []
+
+
+def test_a_retried_export_keeps_the_version_it_made_and_refuses_another(
+        trained_model, exported_model, tmp_path):
+    """The pipeline's export step (reuse=True, retried by KFP): a version exported from the same
+    checkpoint is kept as it is; one from another checkpoint is still refused."""
+    provenance = os.path.join(exported_model, "assets.extra", "export.json")
+    assert json.loads(open(provenance).read()) == {
+        "checkpoint": trained_model.checkpoint, "step": trained_model.step}
+    export_dir = tmp_path / "saved"
+    shutil.copytree(os.path.dirname(exported_model), export_dir)
+    pb = export_dir / "1" / "saved_model.pb"
+    before = pb.stat().st_mtime_ns
+    assert export.export(trained_model.model_dir, str(export_dir), reuse=True) == \
+        str(export_dir / "1")
+    assert pb.stat().st_mtime_ns == before and os.listdir(export_dir) == ["1"]
+    provenance = export_dir / "1" / "assets.extra" / "export.json"
+    provenance.write_text(json.dumps({"checkpoint": "elsewhere/ckpt-1", "step": 1}))
+    with pytest.raises(UserError, match="already exists: pass --overwrite"):
+        export.export(trained_model.model_dir, str(export_dir), reuse=True)
+    assert pb.stat().st_mtime_ns == before
 
 
 def test_the_highest_version_is_served_and_a_wrong_checkpoint_writes_nothing(

@@ -31,7 +31,7 @@ MANIFESTS = REPO / "manifests"
 # (offline): a field removed or not yet there in either fails.
 K8S_VERSIONS = ("1.27", kubernetes_validate.latest_version())
 OVERLAYS = ("gke-gpu", "generic")
-OPTIONAL_COMPONENTS = ("data-service", "kubeflow-tensorboard")
+OPTIONAL_COMPONENTS = ("data-service", "kubeflow-tensorboard", "trainer-v2")
 NAMESPACE = "kubeflow-user-example-com"
 RUN_AS_USER = 10001  # the USER of both images (tests/unit/test_images.py checks the Dockerfiles)
 LAUNCHER_RULES = {
@@ -42,6 +42,12 @@ LAUNCHER_RULES = {
     ("", "events"): {"get", "list", "watch"},
     ("events.k8s.io", "events"): {"get", "list", "watch"},
 }
+# What the trainer-v2 component adds for `launch --backend trainjob`: its TrainJobs, nothing of
+# the JobSets and Jobs Trainer's controllers make from them.
+TRAINJOB_RULES = {("trainer.kubeflow.org", "trainjobs"): {"create", "get", "list", "watch", "patch",
+                                                          "delete"}}
+TRAINER_RUNTIMES = {"resnet-imagenet-tensorflow": {"node"},
+                    "resnet-imagenet-tensorflow-evaluator": {"node", "evaluator"}}
 # The Kubeflow tensorboard controller's CRD (tensorboard.kubeflow.org/v1alpha1) has one spec
 # field; written out here, strict like the rest.
 TENSORBOARD_CR_SCHEMA = {
@@ -163,6 +169,15 @@ def validate(obj: dict) -> None:
         for spec in obj["spec"]["tfReplicaSpecs"].values():
             validate_builtin({"apiVersion": "v1", "kind": "PodTemplate",
                               "metadata": obj["metadata"], "template": spec["template"]})
+    elif obj["apiVersion"] == "trainer.kubeflow.org/v1alpha1":
+        # Trainer v2.3.0's CRD schema, strictly; the JobSet template's pod templates once more
+        # against Kubernetes' own PodTemplate schema.
+        errors = tfjob_schema.schema_errors(obj, tfjob_schema.TRAINING_RUNTIME_CRD_FILE)
+        assert obj["kind"] == "TrainingRuntime" and not errors, "; ".join(errors)
+        for job in obj["spec"]["template"]["spec"]["replicatedJobs"]:
+            validate_builtin({"apiVersion": "v1", "kind": "PodTemplate",
+                              "metadata": obj["metadata"],
+                              "template": job["template"]["spec"]["template"]})
     elif obj["apiVersion"] == "tensorboard.kubeflow.org/v1alpha1":
         jsonschema.validate(obj, TENSORBOARD_CR_SCHEMA)
         validate_builtin({"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj["metadata"]})
@@ -230,7 +245,8 @@ def test_every_object_validates_strictly(rendered):
         except kubernetes_validate.SchemaNotFoundError as exc:
             pytest.fail(f"{describe(where, obj)}: {exc.message}")
         checked.add(obj["kind"])
-    assert {"Deployment", "Service", "Role", "RoleBinding", "TFJob", "Tensorboard"} <= checked
+    assert {"Deployment", "Service", "Role", "RoleBinding", "TFJob", "Tensorboard",
+            "TrainingRuntime"} <= checked
 
 
 def test_strict_validation_rejects_a_misplaced_field(rendered):
@@ -261,6 +277,10 @@ def pod_specs(where: str, obj: dict) -> list[tuple[str, dict]]:
     if obj["kind"] == "TFJob":
         return [(f"{describe(where, obj)} {replica}", spec["template"]["spec"])
                 for replica, spec in obj["spec"]["tfReplicaSpecs"].items()]
+    if obj["kind"] == "TrainingRuntime":
+        return [(f"{describe(where, obj)} {job['name']}",
+                 job["template"]["spec"]["template"]["spec"])
+                for job in obj["spec"]["template"]["spec"]["replicatedJobs"]]
     return []
 
 
@@ -398,7 +418,8 @@ def test_rbac_is_least_privilege_and_namespaced(rendered):
                 for group in rule["apiGroups"]:
                     for resource in rule["resources"]:
                         granted.setdefault((group, resource), set()).update(rule["verbs"])
-            assert granted == LAUNCHER_RULES, f"{name}: {role['metadata']['name']}"
+            expected = LAUNCHER_RULES | (TRAINJOB_RULES if "+options" in name else {})
+            assert granted == expected, f"{name}: {role['metadata']['name']}"
         binding = one(objects, "RoleBinding", "resnet-imagenet-launcher")
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                       "name": "resnet-imagenet-launcher"}
@@ -563,3 +584,41 @@ def test_data_service_program_serves_a_dataset(tmp_path):
             server.terminate()
         for server in servers:
             server.wait(timeout=30)
+
+
+def test_trainer_v2_runtimes_are_what_the_launcher_references(rendered):
+    """The trainjob backend's TrainJobs name these runtimes, patch only the jobs and containers
+    they have, and the trainer builds TF_CONFIG from the env the node container gets."""
+    from resnet_imagenet.launch import trainjob
+    from resnet_imagenet.training import strategy
+
+    for overlay in OVERLAYS:
+        objects = rendered[f"{overlay}+options"]
+        runtimes = {r["metadata"]["name"]: r for r in by_kind(objects, "TrainingRuntime")}
+        assert set(runtimes) == set(TRAINER_RUNTIMES) == set(trainjob.RUNTIME_JOBS)
+        for name, runtime in runtimes.items():
+            assert runtime["metadata"]["namespace"] == NAMESPACE  # namespaced: least privilege
+            spec = runtime["spec"]
+            assert set(spec["mlPolicy"]) == {"numNodes"}, "PlainML: no framework policy"
+            jobs = {j["name"]: j for j in spec["template"]["spec"]["replicatedJobs"]}
+            assert {job: {c["name"] for c in j["template"]["spec"]["template"]["spec"][
+                "containers"]} for job, j in jobs.items()} == trainjob.RUNTIME_JOBS[name]
+            node = jobs["node"]
+            assert node["template"]["metadata"]["labels"][
+                "trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+            pod = node["template"]["spec"]["template"]["spec"]
+            assert pod["serviceAccountName"] == "resnet-imagenet"
+            (container,) = pod["containers"]
+            assert container["ports"] == [{"name": "tf-port", "containerPort": strategy.PORT}]
+            env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
+            assert env == {
+                strategy.JOBSET_NAME_ENV: "metadata.labels['jobset.sigs.k8s.io/jobset-name']",
+                strategy.REPLICATED_JOB_ENV:
+                    "metadata.labels['jobset.sigs.k8s.io/replicatedjob-name']",
+                strategy.JOB_INDEX_ENV: "metadata.labels['jobset.sigs.k8s.io/job-index']",
+            }
+            if "evaluator" in jobs:
+                (evaluator,) = jobs["evaluator"]["template"]["spec"]["template"]["spec"][
+                    "containers"]
+                assert f"$({trainjob.DATA_DIR_ENV})" in evaluator["args"]
+                assert f"$({trainjob.MODEL_DIR_ENV})" in evaluator["args"]

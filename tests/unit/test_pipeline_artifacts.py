@@ -114,6 +114,23 @@ def test_model_artifact_copies_the_small_files(tmp_path):
         artifacts.model(str(tmp_path / "nothing"), str(tmp_path / "a2"))
 
 
+def test_training_metrics_are_the_final_figures_of_the_summary(tmp_path):
+    """The train step's Metrics artifact: last loss, images/s, steps, ... (KFP UI compares
+    runs by these); non-numbers of train_summary.json stay out."""
+    path = tmp_path / "artifact"
+    path.mkdir()
+    (path / "train_summary.json").write_text(json.dumps({
+        "step": 500000, "start_step": 0, "epoch": 99, "loss": 1.25, "cross_entropy": 0.98,
+        "l2": 0.27, "train_top1": 0.75, "images_per_second": 2810.5,
+        "elapsed_seconds": 45000.0, "precision": "mixed_float16", "jit_compile": False,
+        "checkpoint": "gs://b/m/checkpoints/ckpt-500000", "validation": None}))
+    assert artifacts.training_metrics(str(path)) == {
+        "final_loss": 1.25, "final_cross_entropy": 0.98, "final_train_top1": 0.75,
+        "images_per_second": 2810.5, "steps": 500000.0, "epochs": 99.0, "elapsed_hours": 12.5}
+    with pytest.raises(UserError, match="holds no train_summary.json: training did not finish"):
+        artifacts.training_metrics(str(tmp_path / "nothing"))
+
+
 def write_scalars(logdir: str, tag: str, values: list[tuple[int, float]]) -> None:
     import tensorflow as tf
 

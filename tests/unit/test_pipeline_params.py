@@ -11,11 +11,12 @@ from resnet_imagenet import cli, pipeline_params
 from resnet_imagenet.errors import UserError
 
 REFERENCE = dict(
-    backend="tfjob", workers=4, gpus_per_worker=1, batch_size=256, train_steps=500_000,
-    resnet_size=50, num_classes=1000, image_size=224, num_tasks=16, train_shards=1024, validation_shards=128,
-    timeout_seconds=7 * 24 * 3600,
-    uris={"raw_uri": "gs://b/raw", "tfrecord_uri": "gs://b/tfrecords",
-          "model_uri": "gs://b/model", "export_uri": "gs://b/export"},
+    train_backend="tfjob", train_workers=4, train_gpus_per_worker=1, train_batch_size=256,
+    train_steps=500_000, model_resnet_depth=50, model_num_classes=1000, model_image_size=224,
+    tfrecord_tasks=16, tfrecord_shards_train=1024, tfrecord_shards_validation=128,
+    train_timeout_seconds=7 * 24 * 3600, train_timeout_max_seconds=14 * 24 * 3600,
+    uris={"data_raw_uri": "gs://b/raw", "data_tfrecord_uri": "gs://b/tfrecords",
+          "data_model_uri": "gs://b/model", "data_export_uri": "gs://b/export"},
 )
 
 
@@ -32,57 +33,116 @@ def test_the_reference_recipe_is_valid():
 
 
 def test_local_backend_trains_on_cpu_workers_and_local_paths():
-    pipeline_params.validate(**{**REFERENCE, "backend": "local", "workers": 2,
-                                "gpus_per_worker": 0, "batch_size": 64,
-                                "uris": {"tfrecord_uri": "/tmp/t", "model_uri": "/tmp/m"}})
+    pipeline_params.validate(**{**REFERENCE, "train_backend": "local", "train_workers": 2,
+                                "train_gpus_per_worker": 0, "train_batch_size": 64,
+                                "train_timeout_seconds": 0,
+                                "uris": {"data_tfrecord_uri": "/tmp/t",
+                                         "data_model_uri": "/tmp/m"}})
+
+
+def test_trainjob_backend_is_accepted_and_needs_object_storage_too():
+    pipeline_params.validate(**{**REFERENCE, "train_backend": "trainjob"})
+    message = refusal(train_backend="trainjob",
+                      uris={**REFERENCE["uris"], "data_tfrecord_uri": "/mnt/t"})
+    assert message.startswith("pipeline parameter data_tfrecord_uri='/mnt/t' is a local path, "
+                              "which the TrainJob's pods cannot see")
 
 
 @pytest.mark.parametrize("workers", [0, -3])
 def test_workers_below_one(workers):
-    assert refusal(workers=workers) == f"pipeline parameter workers={workers} must be at least 1"
+    assert refusal(train_workers=workers) == (
+        f"pipeline parameter train_workers={workers} must be at least 1")
 
 
 def test_batch_not_divisible_by_total_gpus():
-    message = refusal(workers=4, gpus_per_worker=2, batch_size=250)
-    assert message.startswith("pipeline parameter batch_size=250 is not divisible by the 8 GPUs "
-                              "(workers=4 x gpus_per_worker=2)")
+    message = refusal(train_workers=4, train_gpus_per_worker=2, train_batch_size=250)
+    assert message.startswith(
+        "pipeline parameter train_batch_size=250 is not divisible by the 8 GPUs "
+        "(train_workers=4 x train_gpus_per_worker=2)")
     assert "use e.g. 248" in message
 
 
 def test_batch_not_divisible_by_cpu_workers():
-    message = refusal(backend="local", workers=3, gpus_per_worker=0, batch_size=64,
-                      uris={})
-    assert "not divisible by the 3 CPU workers (gpus_per_worker=0)" in message
+    message = refusal(train_backend="local", train_workers=3, train_gpus_per_worker=0,
+                      train_batch_size=64, uris={})
+    assert "not divisible by the 3 CPU workers (train_gpus_per_worker=0)" in message
 
 
 def test_unknown_backend():
-    assert refusal(backend="kubernetes") == (
-        "pipeline parameter backend='kubernetes' is unknown: use 'tfjob' or 'local'")
+    assert refusal(train_backend="kubernetes") == (
+        "pipeline parameter train_backend='kubernetes' is unknown: use 'tfjob' or 'trainjob' "
+        "or 'local'")
 
 
 @pytest.mark.parametrize("changes, expected", [
-    (dict(gpus_per_worker=-1), "gpus_per_worker=-1 must be at least 0"),
-    (dict(resnet_size=51), "resnet_size=51 is not a ResNet depth"),
+    (dict(train_gpus_per_worker=-1), "train_gpus_per_worker=-1 must be at least 0"),
+    (dict(model_resnet_depth=51), "model_resnet_depth=51 is not a ResNet depth"),
     (dict(train_steps=0), "train_steps=0 must be at least 1"),
-    (dict(num_classes=0), "num_classes=0 must be at least 1"),
-    (dict(num_tasks=2000), "num_tasks=2000 is more than the 1152 shards to write"),
-    (dict(workers=2.5), "workers=2.5 must be an integer"),
-    (dict(workers=True), "workers=True must be an integer, not a boolean"),
+    (dict(model_num_classes=0), "model_num_classes=0 must be at least 1"),
+    (dict(tfrecord_tasks=2000), "tfrecord_tasks=2000 is more than the 1152 shards to write"),
+    (dict(train_workers=2.5), "train_workers=2.5 must be an integer"),
+    (dict(train_workers=True), "train_workers=True must be an integer, not a boolean"),
 ])
 def test_other_parameters_are_named(changes, expected):
     assert expected in refusal(**changes)
 
 
-def test_tfjob_backend_needs_object_storage_for_data_and_model():
-    message = refusal(uris={**REFERENCE["uris"], "model_uri": "/mnt/model"})
-    assert message.startswith("pipeline parameter model_uri='/mnt/model' is a local path")
+@pytest.mark.parametrize("timeout", [0, 14 * 24 * 3600 + 1])
+def test_a_cluster_training_timeout_must_end_before_the_train_steps_deadline(timeout):
+    """The launcher has to time out (and delete the job) before the pod deadline kills it."""
+    message = refusal(train_timeout_seconds=timeout)
+    assert message.startswith(f"pipeline parameter train_timeout_seconds={timeout} is outside "
+                              "1..1209600: the train step's pod deadline is 1213200 s")
+    pipeline_params.validate(**{**REFERENCE, "train_timeout_seconds": 14 * 24 * 3600})
+
+
+@pytest.mark.parametrize("backend, kind", [("tfjob", "TFJob"), ("trainjob", "TrainJob")])
+def test_cluster_backends_need_object_storage_for_data_and_model(backend, kind):
+    pipeline_params.validate(**{**REFERENCE, "train_backend": backend})
+    message = refusal(train_backend=backend,
+                      uris={**REFERENCE["uris"], "data_model_uri": "/mnt/model"})
+    assert message == (f"pipeline parameter data_model_uri='/mnt/model' is a local path, which "
+                       f"the {kind}'s pods cannot see: use object storage (gs://BUCKET/PATH) "
+                       f"with the {backend} backend")
 
 
 def test_uri_schemes_and_empty_uris():
     assert "unsupported URI scheme 's3://'" in refusal(
-        uris={**REFERENCE["uris"], "raw_uri": "s3://b/raw"})
-    assert refusal(uris={**REFERENCE["uris"], "export_uri": " "}) == (
-        "pipeline parameter export_uri is empty: give a gs://BUCKET/PATH URI")
+        uris={**REFERENCE["uris"], "data_raw_uri": "s3://b/raw"})
+    assert refusal(uris={**REFERENCE["uris"], "data_export_uri": " "}) == (
+        "pipeline parameter data_export_uri is empty: give a gs://BUCKET/PATH URI")
+
+
+@pytest.mark.parametrize("toleration, flag", [
+    ({"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"},
+     "dedicated=ml:NoSchedule"),
+    ({"key": "dedicated", "value": "ml"}, "dedicated=ml"),
+    ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+     "nvidia.com/gpu:NoSchedule"),
+    ({"key": "spot", "operator": "Exists"}, "spot"),
+])
+def test_one_toleration_format_becomes_the_launchers_flag(toleration, flag):
+    assert pipeline_params.toleration_flag("train_gpu_tolerations", toleration) == flag
+    # ... and the launcher's parser turns the flag back into the same toleration.
+    from resnet_imagenet.launch import tfjob
+
+    expected = {"operator": "Equal" if "value" in toleration else "Exists", **toleration}
+    assert tfjob.parse_toleration(flag) == expected
+
+
+@pytest.mark.parametrize("toleration, expected", [
+    ("dedicated=ml:NoSchedule", "is not a toleration: give Kubernetes tolerations"),
+    ({"key": "a", "value": "b", "seconds": 3}, "unknown toleration field(s) seconds"),
+    ({"operator": "Exists"}, "it has no key"),
+    ({"key": "a", "operator": "Exists", "value": "b"}, "operator Exists takes no value"),
+    ({"key": "a", "operator": "Equal"}, "operator Equal needs a value"),
+    ({"key": "a", "operator": "In", "value": "b"}, "operator 'In' is not Equal or Exists"),
+    ({"key": "a", "value": "b", "effect": "Never"}, "effect 'Never' is not NoSchedule"),
+])
+def test_bad_tolerations_are_refused_in_the_first_step(toleration, expected):
+    message = refusal(tolerations={"step_tolerations": [toleration]})
+    assert message.startswith("pipeline parameter step_tolerations: ")
+    assert expected in message
 
 
 def test_integral_floats_from_kfp_are_ints():
@@ -113,36 +173,65 @@ def test_convert_argv_is_accepted_by_convert():
     assert final.finalize and final.output_dir == "gs://b/t"
 
 
-def test_launch_argv_is_accepted_by_launch():
+@pytest.mark.parametrize("backend", ["tfjob", "trainjob"])
+def test_launch_argv_is_accepted_by_launch(backend):
     train = pipeline_params.train_argv(
         data_uri="gs://b/t", model_uri="gs://b/m", resnet_size=50, num_classes=1000,
         image_size=224,
         batch_size=256, train_steps=500_000, checkpoint_every=5000,
         extra=["--lr-schedule", "cosine"])
     argv = pipeline_params.launch_argv(
-        backend="tfjob", workers=4, gpus_per_worker=1, evaluator=True,
+        backend=backend, workers=4, gpus_per_worker=1, evaluator=True,
         trainer_image="reg/resnet-imagenet-trainer:1.0", namespace="team",
         run_id="run-123", timeout_seconds=3600,
         gpu_node_selector={"cloud.google.com/gke-accelerator": "nvidia-tesla-v100"},
-        gpu_tolerations=["dedicated=ml:NoSchedule"], service_account="resnet-imagenet",
-        train=train)
+        gpu_tolerations=[{"key": "dedicated", "operator": "Equal", "value": "ml",
+                          "effect": "NoSchedule"}],
+        service_account="resnet-imagenet", gcs_secret="resnet-imagenet-gcp-key", train=train)
     args = parse(argv)
     assert (args.backend, args.workers, args.gpus_per_worker, args.evaluator, args.image,
-            args.namespace, args.run_id, args.timeout, args.service_account) == (
-        "tfjob", 4, 1, True, "reg/resnet-imagenet-trainer:1.0", "team", "run-123", 3600.0,
-        "resnet-imagenet")
+            args.namespace, args.run_id, args.timeout, args.service_account,
+            args.gcs_secret) == (
+        backend, 4, 1, True, "reg/resnet-imagenet-trainer:1.0", "team", "run-123", 3600.0,
+        "resnet-imagenet", "resnet-imagenet-gcp-key")
     assert args.node_selector == ["cloud.google.com/gke-accelerator=nvidia-tesla-v100"]
     assert args.toleration == ["dedicated=ml:NoSchedule"]
     assert args.train_args == train
-    # The TFJob the launcher would create from these flags: GPUs on the workers only.
-    from resnet_imagenet.launch import cli as launch_cli, tfjob
+    # The job the launcher would create from these flags: GPUs on the workers.
+    from resnet_imagenet.launch import cli as launch_cli, tfjob, trainjob
 
-    job = tfjob.build_tfjob(launch_cli.tfjob_options(args))
-    worker = job["spec"]["tfReplicaSpecs"]["Worker"]
-    assert worker["replicas"] == 4
-    pod = worker["template"]["spec"]
+    if backend == "tfjob":
+        job = tfjob.build_tfjob(launch_cli.tfjob_options(args))
+        worker = job["spec"]["tfReplicaSpecs"]["Worker"]
+        replicas, pod = worker["replicas"], worker["template"]["spec"]
+        limits = pod["containers"][0]["resources"]["limits"]
+    else:
+        job = trainjob.build_trainjob(launch_cli.tfjob_options(args, trainjob.TrainJobOptions))
+        replicas, limits = (job["spec"]["trainer"]["numNodes"],
+                            job["spec"]["trainer"]["resourcesPerNode"]["limits"])
+        (patch,) = job["spec"]["runtimePatches"]
+        pod = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+            "template"]["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == "resnet-imagenet"
+    assert replicas == 4 and int(limits["nvidia.com/gpu"]) == 1
     assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-tesla-v100"}
-    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"key": "dedicated", "operator": "Equal", "value": "ml",
+            "effect": "NoSchedule"} in pod["tolerations"]
+    assert {"name": "gcs-key",
+            "secret": {"secretName": "resnet-imagenet-gcp-key"}} in pod["volumes"]
+
+
+def test_trainjob_backend_gets_the_same_kubernetes_flags():
+    """The TrainJob backend takes the TFJob's flags (the launcher's `--backend trainjob`)."""
+    argv = pipeline_params.launch_argv(
+        backend="trainjob", workers=2, gpus_per_worker=1, evaluator=False, trainer_image="img:1",
+        namespace="ns", run_id="r", timeout_seconds=60, gpu_node_selector={"a": "b"},
+        gpu_tolerations=[{"key": "x", "operator": "Exists"}], service_account="sa",
+        gcs_secret="key", train=["--data-dir", "d"])
+    assert argv == ["launch", "--backend", "trainjob", "--workers", "2", "--gpus-per-worker",
+                    "1", "--image", "img:1", "--namespace", "ns", "--node-selector", "a=b",
+                    "--toleration", "x", "--service-account", "sa", "--gcs-secret", "key",
+                    "--run-id", "r", "--timeout", "60", "--", "--data-dir", "d"]
 
 
 def test_train_argv_is_accepted_by_train():
@@ -158,7 +247,8 @@ def test_local_backend_leaves_out_the_kubernetes_flags():
     argv = pipeline_params.launch_argv(
         backend="local", workers=2, gpus_per_worker=0, evaluator=False, trainer_image="img:1",
         namespace="ns", run_id="", timeout_seconds=0, gpu_node_selector={"a": "b"},
-        gpu_tolerations=["x"], service_account="sa", train=["--data-dir", "d"])
+        gpu_tolerations=[{"key": "x"}], service_account="sa", gcs_secret="key",
+        train=["--data-dir", "d"])
     assert argv == ["launch", "--backend", "local", "--workers", "2", "--gpus-per-worker", "0",
                     "--", "--data-dir", "d"]
     assert parse(argv).train_args == ["--data-dir", "d"]
@@ -178,9 +268,10 @@ def test_bad_parameters_stop_the_pipeline_at_its_first_step(tmp_path, capsys):
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
     with pytest.raises(RuntimeError, match="Inner task failed: .*validate-parameters"):
-        resnet50_imagenet(raw_uri="gs://b/raw", tfrecord_uri="gs://b/t", model_uri="gs://b/m",
-                          export_uri="gs://b/e", workers=4, gpus_per_worker=1, batch_size=250)
+        resnet50_imagenet(data_raw_uri="gs://b/raw", data_tfrecord_uri="gs://b/t",
+                          data_model_uri="gs://b/m", data_export_uri="gs://b/e",
+                          train_workers=4, train_gpus_per_worker=1, train_batch_size=250)
     out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
-    assert ("UserError: pipeline parameter batch_size=250 is not divisible by the 4 GPUs "
-            "(workers=4 x gpus_per_worker=1)") in out
+    assert ("UserError: pipeline parameter train_batch_size=250 is not divisible by the 4 GPUs "
+            "(train_workers=4 x train_gpus_per_worker=1)") in out
     assert re.findall(r"Executing task '([^']+)'", out) == ["validate-parameters"]

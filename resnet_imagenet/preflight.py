@@ -1,0 +1,128 @@
+"""Pre-flight: can this identity read the pipeline's inputs and write its outputs on GCS?
+
+The pipeline's first step (``components/validate.py``) calls :func:`check_pipeline` before any
+conversion runs or any GPU is requested, so a missing bucket or a missing IAM grant costs
+seconds, not a failed step an hour into a run. Each check is the request the later step will
+make, sent with the step's own credentials (Application Default Credentials: the pod's
+workload identity), so what passes here is what the steps are allowed to do:
+
+* an input (``raw_uri``; ``tfrecord_uri`` when it holds a finished dataset) must list
+  (``storage.objects.list``) and hold objects, one of which must read
+  (``storage.objects.get``);
+* an output prefix must take a small probe object (``storage.objects.create``) and let it be
+  deleted again (``storage.objects.delete``: the converter and the trainer replace files).
+
+A failure is one :class:`~resnet_imagenet.errors.UserError` line naming the URI, the pipeline
+parameter and the missing permission. Local paths are not checked here (a local backend runs
+on the machine that has them). TF-free: google-cloud-storage through :mod:`resnet_imagenet.fs`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+
+from resnet_imagenet import fs
+from resnet_imagenet.errors import UserError
+
+LIST, GET = "storage.objects.list", "storage.objects.get"
+CREATE, DELETE = "storage.objects.create", "storage.objects.delete"
+PROBE_PREFIX = ".tmp-preflight-"  # a temporary name (storage.is_temp): safe to find and delete
+DATASET_MANIFEST = "manifest.json"
+
+
+def identity() -> str:
+    """Who the requests run as, for messages: a service account's e-mail when it has one."""
+    credentials = getattr(fs.client(), "_credentials", None)
+    email = getattr(credentials, "service_account_email", None)
+    if isinstance(email, str) and "@" in email:
+        return email
+    kind = type(credentials).__name__ if credentials is not None else "no credentials"
+    return "anonymous credentials" if kind == "AnonymousCredentials" else \
+        f"this step's identity ({kind})"
+
+
+@contextlib.contextmanager
+def _requesting(uri: str, parameter: str, permission: str, action: str):
+    """Turn GCS's refusals into one line naming the URI, the parameter and the permission."""
+    from google.api_core import exceptions
+
+    try:
+        yield
+    except (exceptions.Forbidden, exceptions.Unauthorized) as exc:
+        raise UserError(
+            f"pipeline parameter {parameter}={uri}: {identity()} lacks {permission} ({action} "
+            f"was refused: {exc.code} {type(exc).__name__}): grant it on the bucket, or run "
+            "the pipeline as an identity that has it") from None
+    except exceptions.NotFound:
+        bucket = uri[len("gs://"):].split("/", 1)[0]
+        raise UserError(f"pipeline parameter {parameter}={uri}: bucket gs://{bucket} does not "
+                        "exist (or is not visible to this identity)") from None
+
+
+def check_readable(uri: str, parameter: str) -> list[str]:
+    """``uri`` (a gs:// prefix) lists and holds objects, and one of them reads; its names."""
+    uri = fs.normalize(uri)
+    with _requesting(uri, parameter, LIST, "listing the prefix"):
+        names = fs.listdir(uri)
+    if not names:
+        raise UserError(f"pipeline parameter {parameter}={uri} holds nothing: upload the data "
+                        "there first, or correct the URI")
+    files = [n for n in names if not n.startswith(".")]
+    probe = next((n for n in ("ILSVRC2012_devkit_t12.tar.gz", "validation_labels.txt",
+                              DATASET_MANIFEST) if n in files), None)
+    if probe is None:  # any object under the prefix
+        probe = next(iter(fs.walk_files(uri)), None)
+        probe = probe[len(uri) + 1:] if probe else None
+    if probe is not None:
+        with _requesting(uri, parameter, GET, f"reading {probe}"):
+            fs.read_range(fs.join(uri, probe), 0, 1)
+    return names
+
+
+def check_writable(uri: str, parameter: str) -> None:
+    """A probe object can be created under ``uri`` (a gs:// prefix) and deleted again."""
+    uri = fs.normalize(uri)
+    probe = fs.join(uri, f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}")
+    with _requesting(uri, parameter, CREATE, "writing a probe object"):
+        fs.write_bytes(probe, b"")
+    with _requesting(uri, parameter, DELETE, f"deleting the probe object {probe}"):
+        fs.remove(probe)
+
+
+def check_pipeline(*, raw: tuple[str, str], tfrecord: tuple[str, str],
+                   outputs: dict[str, str]) -> list[str]:
+    """Check every gs:// URI of a pipeline run; returns what was checked, one line each.
+
+    ``raw`` and ``tfrecord`` are ``(pipeline parameter name, URI)``; ``outputs`` maps the
+    other written URIs' parameter names to them (model, export). The raw data must be readable
+    unless the TFRecords URI already holds a finished dataset (``manifest.json``), which then
+    only needs to be readable: the pipeline will not convert.
+    """
+    checked = []
+    (raw_name, raw_uri), (tfrecord_name, tfrecord_uri) = raw, tfrecord
+    finished = False
+    if tfrecord_uri and fs.is_remote(tfrecord_uri):
+        with _requesting(tfrecord_uri, tfrecord_name, LIST, "listing the prefix"):
+            finished = DATASET_MANIFEST in fs.listdir(tfrecord_uri)
+    if raw_uri and fs.is_remote(raw_uri) and not finished:
+        names = check_readable(raw_uri, raw_name)
+        from resnet_imagenet.data import archives
+
+        if not archives.detect(raw_uri) and "train" not in names:
+            raise UserError(f"pipeline parameter {raw_name}={raw_uri} holds neither the four "
+                            f"ILSVRC2012 archives ({', '.join(archives.OFFICIAL)}) nor the "
+                            "extracted layout (train/, validation/, validation_labels.txt)")
+        checked.append(f"{raw_name} {raw_uri}: readable")
+    if tfrecord_uri and fs.is_remote(tfrecord_uri):
+        if finished:
+            check_readable(tfrecord_uri, tfrecord_name)
+            checked.append(f"{tfrecord_name} {tfrecord_uri}: a finished dataset, readable")
+        else:
+            check_writable(tfrecord_uri, tfrecord_name)
+            checked.append(f"{tfrecord_name} {tfrecord_uri}: writable")
+    for name, uri in outputs.items():
+        if uri and fs.is_remote(uri):
+            check_writable(uri, name)
+            checked.append(f"{name} {uri}: writable")
+    return checked
