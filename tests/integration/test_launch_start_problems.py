@@ -1,5 +1,6 @@
 """Why a job cannot start, said while it waits; the launcher's own deadlines; "deleted" meaning
-gone. On the real control plane (tests/support/cluster.py)."""
+gone. On the real control plane (tests/support/cluster.py); the unschedulable and the
+deleted-means-gone cases for both backends (TFJob, TrainJob)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from kubernetes import client
 
 from resnet_imagenet.launch import cli as launch_cli
 from resnet_imagenet.launch import cluster, tfjob
+from tests.integration.test_launch_cluster import backend  # noqa: F401  (the fixture)
+from tests.integration.test_launch_cluster import gone
+from tests.integration.test_launch_cluster import launching as backend_launching
+from tests.integration.test_launch_cluster import running_pods as backend_running_pods
 from tests.integration.test_tfjob_control_plane import (apply_overlay, can_i, custom, finish,
                                                         get_tfjob, launching, options,
                                                         running_pods, tfjob_gone, wait_until)
@@ -20,27 +25,30 @@ def launcher_lines(caplog) -> list[str]:
 
 
 def test_an_unschedulable_job_says_why_once_then_gives_up_and_deletes_it(
-        control_plane, kube_namespace, caplog):
+        control_plane, kube_namespace, backend, caplog):
     caplog.set_level(logging.INFO)
-    opts = options(kube_namespace, workers=2, gpus_per_worker=1, accelerator="nvidia-tesla-v100")
-    with launching(control_plane.admin(), opts, start_timeout=4) as (result, _):
+    opts = backend.options(kube_namespace, workers=2, gpus_per_worker=1,
+                           accelerator="nvidia-tesla-v100")
+    with backend_launching(backend, control_plane.admin(), opts, start_timeout=4) as (result, _):
         status = result.result(timeout=90)
     assert status == 1
+    what = f"{backend.kind.kind} {kube_namespace}/resnet-test"
     lines = launcher_lines(caplog)
     why = [r.getMessage() for r in caplog.records
            if r.levelno == logging.WARNING and "cannot be scheduled" in r.getMessage()]
     # The scheduler retries and the launcher polls ~40 times, but each reason is said once (a
     # pod's line again only when the scheduler's message changes).
-    assert sorted(set(line.split(": ", 2)[1] for line in why)) == [
-        f"pod resnet-test-worker-{i} cannot be scheduled" for i in range(2)], why
+    pods = {line.split(": ", 2)[1] for line in why}
+    assert len(pods) == 2 and all(p.startswith("pod resnet-test-") for p in pods), why
     assert len(why) == len(set(why)) <= 4, why
-    assert all(line.startswith(f"TFJob {kube_namespace}/resnet-test: pod ") and
+    assert all(line.startswith(f"{what}: pod ") and
                "didn't match Pod's node affinity/selector" in line for line in why), why
     assert lines[-1].startswith(
-        f"TFJob {kube_namespace}/resnet-test did not start within --start-timeout 4s, deleted: "
-        f"pod resnet-test-worker-")
+        f"{what} did not start within --start-timeout 4s, deleted: pod resnet-test-"), lines[-1]
     assert "didn't match Pod's node affinity/selector" in lines[-1]
-    assert tfjob_gone(control_plane, kube_namespace, "resnet-test")
+    assert backend.get(control_plane.admin(), kube_namespace, "resnet-test") is None
+    wait_until(lambda: gone(control_plane, backend, kube_namespace, "resnet-test"),
+               what="its pods gone too")  # TrainJob: the JobSet's pods may follow a moment later
 
 
 def test_a_missing_service_account_is_reported_from_the_operators_events(
@@ -89,32 +97,33 @@ def launch_cli_args(flags: list[str]):
 class _CheckOnDeleted(logging.Handler):
     """Asks the API server, at the moment the launcher logs "deleted", whether the job exists."""
 
-    def __init__(self, plane, namespace: str, name: str):
+    def __init__(self, plane, backend, namespace: str, name: str):
         super().__init__()
-        self.plane, self.namespace, self.name = plane, namespace, name
+        self.plane, self.backend, self.namespace, self.name = plane, backend, namespace, name
         self.existed_when_deleted_was_logged: list[bool] = []
 
     def emit(self, record):
-        if record.getMessage().startswith("deleted TFJob"):
-            self.existed_when_deleted_was_logged.append(
-                get_tfjob(self.plane, self.namespace, self.name) is not None)
+        if record.getMessage().startswith(f"deleted {self.backend.kind.kind} "):
+            self.existed_when_deleted_was_logged.append(self.backend.get(
+                self.plane.admin(), self.namespace, self.name) is not None)
 
 
-def test_deleted_is_logged_once_the_tfjob_is_gone(control_plane, kube_namespace, caplog):
+def test_deleted_is_logged_once_the_job_is_gone(control_plane, kube_namespace, backend, caplog):
     caplog.set_level(logging.INFO)
-    check = _CheckOnDeleted(control_plane, kube_namespace, "resnet-test")
+    what = f"{backend.kind.kind} {kube_namespace}/resnet-test"
+    check = _CheckOnDeleted(control_plane, backend, kube_namespace, "resnet-test")
     logging.getLogger("resnet_imagenet").addHandler(check)
     try:
-        with launching(control_plane.admin(), options(kube_namespace), timeout=3) as (result, _):
-            running_pods(control_plane, kube_namespace, "resnet-test", 2)
+        with backend_launching(backend, control_plane.admin(), backend.options(kube_namespace),
+                               timeout=4) as (result, _):
+            backend_running_pods(control_plane, backend, kube_namespace, "resnet-test", 2)
             assert result.result(timeout=60) == 124
     finally:
         logging.getLogger("resnet_imagenet").removeHandler(check)
     assert check.existed_when_deleted_was_logged == [False]
     lines = launcher_lines(caplog)
-    assert lines.index(f"deleting TFJob {kube_namespace}/resnet-test (propagationPolicy="
-                       "Foreground: its pods go first)") < lines.index(
-        f"deleted TFJob {kube_namespace}/resnet-test")
+    assert lines.index(f"deleting {what} (propagationPolicy=Foreground: its pods go first)") < \
+        lines.index(f"deleted {what}")
 
 
 def test_a_tfjob_that_outlives_the_delete_wait_is_reported_and_the_status_kept(

@@ -1,4 +1,5 @@
-"""The TFJob launcher against a real control plane (tests/support/cluster.py): kube-apiserver with
+"""What is TFJob-only of the launcher against a real control plane (the life cycle of both
+backends: tests/integration/test_launch_cluster.py) (tests/support/cluster.py): kube-apiserver with
 the training-operator's CRD and webhook, the operator itself creating pods and Services,
 kube-scheduler placing them on kwok's GKE-shaped nodes, kube-controller-manager's garbage
 collector, RBAC decided by the real authorizer."""
@@ -7,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -106,44 +105,6 @@ def tfjob_gone(plane, namespace: str, name: str) -> bool:
 # --- what the API server accepts --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides", [
-    {},
-    {"workers": 4, "gpus_per_worker": 1, "accelerator": GPU_ACCELERATOR},
-    {"workers": 2, "gpus_per_worker": 2, "evaluator": True, "accelerator": GPU_ACCELERATOR,
-     "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "training",
-                      "effect": "NoSchedule"}],
-     "node_selector": {NODEPOOL_LABEL: GPU_POOL}},
-    {"evaluator": True, "service_account": "trainer", "gcs_secret": "gcp-key",
-     "env": {"TF_CPP_MIN_LOG_LEVEL": "1"}, "restart_policy": "OnFailure",
-     "clean_pod_policy": "All", "backoff_limit": 0, "active_deadline_seconds": 3600,
-     "run_id": "run-1/task-2"},
-    {"pvc": "imagenet:/data", "train_args": ["--data-dir", "/data/tfrecords",
-                                             "--model-dir", "/data/model"],
-     "image": "registry.example/trainer@sha256:" + "0" * 64},
-], ids=["default", "gpu-pool", "gpus-evaluator-selector-tolerations", "credentials-policies",
-        "pvc-digest"])
-def test_every_tfjob_the_launcher_makes_is_accepted_by_the_real_api_server(
-        control_plane, kube_namespace, overrides):
-    body = tfjob.build_tfjob(options(kube_namespace, **overrides))
-    accepted = custom(control_plane).create_namespaced_custom_object(
-        tfjob.GROUP, tfjob.VERSION, kube_namespace, tfjob.PLURAL, body, dry_run="All")
-    # Nothing pruned: all the launcher sent is in what the server would store (which adds
-    # its defaults), its spec-hash annotation included.
-    assert missing_fields(body["spec"], accepted["spec"]) == []
-    assert accepted["metadata"]["annotations"] == body["metadata"]["annotations"]
-
-
-def missing_fields(sent, stored, path: str = "spec") -> list[str]:
-    """The paths of ``sent`` that ``stored`` lacks or holds another value at."""
-    if isinstance(sent, dict) and isinstance(stored, dict):
-        return [p for key, value in sent.items()
-                for p in missing_fields(value, stored.get(key), f"{path}.{key}")]
-    if isinstance(sent, list) and isinstance(stored, list) and len(sent) == len(stored):
-        return [p for i, (a, b) in enumerate(zip(sent, stored))
-                for p in missing_fields(a, b, f"{path}[{i}]")]
-    return [] if sent == stored or str(sent) == str(stored) else [path]
-
-
 def test_the_manifests_examples_are_accepted(control_plane, kube_namespace):
     for path in sorted((REPO / "manifests").rglob("tfjob-example.yaml")):
         body = yaml.safe_load(path.read_text())
@@ -202,148 +163,6 @@ def test_four_workers_get_the_tf_config_the_local_backend_writes(control_plane, 
     # The operator's addresses: one Service per worker, the TFJob's port.
     assert configs[0].workers == tuple(
         f"resnet-test-worker-{i}.{kube_namespace}.svc:{tfjob.PORT}" for i in range(4))
-
-
-def test_succeeded_pods_make_the_launcher_exit_0_with_the_chiefs_log(
-        control_plane, kube_namespace, caplog):
-    caplog.set_level(logging.INFO)
-    with launching(control_plane.admin(), options(kube_namespace)) as (result, output):
-        chief, other = running_pods(control_plane, kube_namespace, "resnet-test", 2)
-        control_plane.pod_log(kube_namespace, chief.metadata.name,
-                              ["step 100 loss 6.91", "step 200 loss 6.80"])
-        control_plane.pod_log(kube_namespace, other.metadata.name, ["not streamed"])
-        wait_until(lambda: "step 200" in output.getvalue(), what="the chief's log streamed")
-        finish(control_plane, kube_namespace, [chief, other])
-        assert result.result(timeout=60) == 0
-
-    assert output.getvalue().splitlines() == ["[worker-0] step 100 loss 6.91",
-                                              "[worker-0] step 200 loss 6.80"]
-    assert f"TFJob {kube_namespace}/resnet-test succeeded" in caplog.text
-    job = get_tfjob(control_plane, kube_namespace, "resnet-test")
-    assert cluster._condition(job, "Succeeded")  # left to its TTL, not deleted
-
-
-def test_a_failed_worker_fails_the_launch_and_the_last_line_names_pod_and_reason(
-        control_plane, kube_namespace, caplog):
-    caplog.set_level(logging.INFO)
-    with launching(control_plane.admin(), options(kube_namespace), log_tail=2) as (result, output):
-        chief, other = running_pods(control_plane, kube_namespace, "resnet-test", 2)
-        control_plane.pod_log(kube_namespace, other.metadata.name,
-                              ["step 1", "ValueError: no shards match gs://bucket/tfrecords"])
-        control_plane.finish_pod(kube_namespace, other.metadata.name, 1)
-        assert result.result(timeout=60) == 1
-
-    assert output.getvalue().splitlines()[-2:] == [
-        "[worker-1] step 1", "[worker-1] ValueError: no shards match gs://bucket/tfrecords"]
-    last = [r for r in caplog.records if r.name.startswith("resnet_imagenet")][-1].getMessage()
-    assert last == (f"TFJob {kube_namespace}/resnet-test failed: worker-1 (pod "
-                    f"resnet-test-worker-1) exited with code 1 (Error)")
-
-
-def test_timeout_deletes_the_tfjob_and_waits_until_it_is_gone(
-        control_plane, kube_namespace, caplog):
-    caplog.set_level(logging.INFO)
-    with launching(control_plane.admin(), options(kube_namespace), timeout=3) as (result, _):
-        running_pods(control_plane, kube_namespace, "resnet-test", 2)
-        assert result.result(timeout=60) == 124
-
-    # "deleted" is logged once the TFJob is gone, not when the delete was accepted.
-    assert tfjob_gone(control_plane, kube_namespace, "resnet-test")
-    assert not core(control_plane).list_namespaced_pod(
-        kube_namespace, label_selector=f"{tfjob.JOB_NAME_LABEL}=resnet-test").items
-    assert "did not finish within --timeout 3s; deleting it" in caplog.text
-
-
-def launcher_process(kubeconfig: str, *args: str, env: dict | None = None) -> subprocess.Popen:
-    environ = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
-    environ.update(env or {})
-    return subprocess.Popen(
-        [sys.executable, "-m", "resnet_imagenet", "launch", "--kubeconfig", kubeconfig,
-         "--poll-interval", str(POLL), "--cpu", "1", "--memory", "1Gi", *args, "--", *TRAIN],
-        env=environ, stderr=subprocess.PIPE, text=True)
-
-
-def test_sigterm_deletes_the_tfjob_and_its_pods_before_the_launcher_exits(
-        control_plane, kube_namespace, tmp_path):
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(control_plane.kubeconfig.read_text().replace(
-        "namespace: default", f"namespace: {kube_namespace}"))
-    name = tfjob.job_name("run-42/task-7")
-    launcher = launcher_process(str(kubeconfig), "--run-id", "run-42/task-7", "--workers", "2",
-                                "--timeout", "120")
-    try:
-        running_pods(control_plane, kube_namespace, name, 2, timeout=60)
-        job = get_tfjob(control_plane, kube_namespace, name)
-        launcher.send_signal(signal.SIGTERM)
-        _, stderr = launcher.communicate(timeout=60)
-    finally:
-        launcher.kill()
-    assert launcher.returncode == 143, stderr
-    assert f"SIGTERM received; deleting TFJob {kube_namespace}/{name}" in stderr
-    assert tfjob_gone(control_plane, kube_namespace, name)
-    assert not core(control_plane).list_namespaced_pod(
-        kube_namespace, label_selector=f"{tfjob.JOB_NAME_LABEL}={name}").items
-    assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 120
-    assert job["metadata"]["annotations"][tfjob.RUN_ID_ANNOTATION] == "run-42/task-7"
-
-
-def owner_pod(plane, namespace: str, name: str) -> client.V1Pod:
-    """A pod standing for the KFP step the launcher runs in (kwok runs it on the CPU pool)."""
-    return core(plane).create_namespaced_pod(namespace, {
-        "metadata": {"name": name},
-        "spec": {"containers": [{"name": "main", "image": "launcher:test"}]}})
-
-
-def test_a_restarted_launcher_reattaches_to_its_tfjob(control_plane, kube_namespace, monkeypatch):
-    name = tfjob.job_name("run-7")
-    first, second = (owner_pod(control_plane, kube_namespace, n) for n in ("step-1", "step-2"))
-    opts = options(kube_namespace, name=name, run_id="run-7")
-    # What a launcher killed outright leaves behind: its TFJob, owned by its pod, running.
-    earlier = tfjob.build_tfjob(opts)
-    earlier["metadata"]["ownerReferences"] = [
-        {"apiVersion": "v1", "kind": "Pod", "name": "step-1", "uid": first.metadata.uid}]
-    created = cluster.JobRun(control_plane.admin(), cluster.TFJOB, earlier).submit()
-    running_pods(control_plane, kube_namespace, name, 2)
-
-    monkeypatch.setenv("POD_NAMESPACE", kube_namespace)
-    monkeypatch.setenv("POD_NAME", "step-2")
-    monkeypatch.setenv("POD_UID", second.metadata.uid)
-    with launching(control_plane.admin(), opts) as (result, _):
-        wait_until(lambda: len(get_tfjob(control_plane, kube_namespace, name)["metadata"]
-                               ["ownerReferences"]) == 2, what="the second owner")
-        pods = running_pods(control_plane, kube_namespace, name, 2)
-        finish(control_plane, kube_namespace, pods)
-        assert result.result(timeout=60) == 0
-
-    job = get_tfjob(control_plane, kube_namespace, name)
-    assert job["metadata"]["uid"] == created["metadata"]["uid"]  # no second TFJob
-    assert [o["name"] for o in job["metadata"]["ownerReferences"]] == ["step-1", "step-2"]
-
-
-def test_a_tfjob_of_the_same_name_with_another_spec_is_refused_and_left_alone(
-        control_plane, kube_namespace):
-    cluster.JobRun(control_plane.admin(), cluster.TFJOB,
-                   tfjob.build_tfjob(options(kube_namespace, workers=3))).submit()
-    with pytest.raises(UserError, match="already exists with a different spec"):
-        cluster.launch_tfjob(options(kube_namespace, workers=2), api_client=control_plane.admin(),
-                           poll_interval=POLL)
-    job = get_tfjob(control_plane, kube_namespace, "resnet-test")
-    assert job["spec"]["tfReplicaSpecs"]["Worker"]["replicas"] == 3
-
-
-def test_garbage_collector_deletes_the_tfjob_when_the_launchers_pod_goes(
-        control_plane, kube_namespace, monkeypatch, caplog):
-    step = owner_pod(control_plane, kube_namespace, "train-step")
-    monkeypatch.setenv("POD_NAMESPACE", kube_namespace)
-    monkeypatch.setenv("POD_NAME", "train-step")
-    monkeypatch.setenv("POD_UID", step.metadata.uid)
-    with launching(control_plane.admin(), options(kube_namespace)) as (result, _):
-        running_pods(control_plane, kube_namespace, "resnet-test", 2)
-        core(control_plane).delete_namespaced_pod("train-step", kube_namespace)
-        wait_until(lambda: tfjob_gone(control_plane, kube_namespace, "resnet-test"),
-                   what="garbage collection of the TFJob")
-        assert result.result(timeout=60) == 1  # it was still following it
-    assert f"TFJob {kube_namespace}/resnet-test was deleted before it finished" in caplog.text
 
 
 # --- RBAC, manifests ------------------------------------------------------------------------
