@@ -12,7 +12,7 @@ import pytest
 from kubernetes import client
 
 from resnet_imagenet.launch import cli as launch_cli
-from resnet_imagenet.launch import cluster, tfjob
+from resnet_imagenet.launch import tfjob
 from tests.integration.test_launch_cluster import backend  # noqa: F401  (the fixture)
 from tests.integration.test_launch_cluster import gone
 from tests.integration.test_launch_cluster import launching as backend_launching
