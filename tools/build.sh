@@ -106,7 +106,9 @@ build_one() {
     trainer) build_plain "$tmp" "$work" github.com/kubeflow/trainer/v2 "$TRAINER_VERSION" \
         trainer-controller-manager github.com/kubeflow/trainer/v2/cmd/trainer-controller-manager ;;
   esac
-  mv "$tmp" "$out"
+  # -T: never move into an existing directory (a build of the same version that finished
+  # first, e.g. by a caller from before the lock): keep that one, drop this one.
+  mv -T "$tmp" "$out" 2>/dev/null || rm -rf "$tmp"
   rm -rf "$work"
   echo "built $name in $((SECONDS - start)) s" >&2
 }

@@ -21,7 +21,8 @@ Everything after '--' goes to `resnet-imagenet train` unchanged; it must name --
 
 The tfjob and trainjob backends wait for the job to finish and stream worker 0's log. Exit
 status: 0 when training succeeded; 1 when it failed (the failed replica's last log lines are
-printed); 124 after --timeout and 143 on SIGTERM, both once the job is deleted (the local backend
+printed) or when no replica ran within --start-timeout (the reasons are printed while it
+waits); 124 after --timeout and 143 on SIGTERM, all after the job is deleted (the local backend
 stops its processes instead); 2 on bad input, before anything is created. With the same --run-id
 (by default $KFP_RUN_ID) a restarted launcher re-attaches to its job instead of starting another.
 """
@@ -33,6 +34,7 @@ import math
 import os
 import sys
 
+from resnet_imagenet.errors import UserError
 from resnet_imagenet.launch import cluster, local, tfjob, trainjob
 
 BACKENDS = ("tfjob", "trainjob", "local")
@@ -49,8 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evaluator", action="store_true",
                         help="also run 'evaluate --watch' on the checkpoints as they appear")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                        help="stop (and delete the TFJob) after this long; also the TFJob's "
-                        "runPolicy.activeDeadlineSeconds (default: no limit)")
+                        help="stop (and delete the TFJob) after this long (default: no limit); "
+                        "the launcher enforces it: it is also written to the TFJob's "
+                        "runPolicy.activeDeadlineSeconds, which operator v1.9 does not enforce "
+                        "promptly")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the TFJob YAML for 'kubectl apply -f -' (local: the "
                         "processes and their TF_CONFIG) and exit")
@@ -97,6 +101,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="restarts before the job fails (default %(default)s)")
     job.add_argument("--ttl-seconds-after-finished", type=int, default=86_400,
                      help="delete the finished TFJob after this long (default one day)")
+    job.add_argument("--start-timeout", type=float, default=cluster.DEFAULT_START_TIMEOUT,
+                     metavar="SECONDS",
+                     help="delete the TFJob and fail when no replica has run for this long "
+                     "(pods unschedulable or never created, images not pulled, crash loops; "
+                     "the reasons are printed as they change); 0: wait for ever (default "
+                     "%(default)g)")
     job.add_argument("--poll-interval", type=float, default=cluster.DEFAULT_POLL_INTERVAL,
                      metavar="SECONDS", help="how often to check the TFJob (default %(default)s)")
     job.add_argument("--log-tail", type=int, default=cluster.DEFAULT_LOG_TAIL, metavar="LINES",
@@ -140,6 +150,9 @@ def run(args: argparse.Namespace) -> int:
         return local.launch_local(
             args.train_args, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
             evaluator=args.evaluator, timeout=args.timeout, dry_run=args.dry_run)
+    if args.start_timeout < 0:
+        raise UserError(f"--start-timeout {args.start_timeout:g}: must be 0 (wait for ever) or "
+                        "more")
     if args.backend == "trainjob":
         opts = tfjob_options(args, trainjob.TrainJobOptions)
         if args.dry_run:
@@ -147,11 +160,13 @@ def run(args: argparse.Namespace) -> int:
             return 0
         return cluster.launch_trainjob(
             opts, kubeconfig=args.kubeconfig, context=args.context, timeout=args.timeout,
-            poll_interval=args.poll_interval, log_tail=args.log_tail)
+            poll_interval=args.poll_interval, log_tail=args.log_tail,
+            start_timeout=args.start_timeout)
     opts = tfjob_options(args)
     if args.dry_run:
         sys.stdout.write(tfjob.tfjob_yaml(opts))
         return 0
     return cluster.launch_tfjob(
         opts, kubeconfig=args.kubeconfig, context=args.context, timeout=args.timeout,
-        poll_interval=args.poll_interval, log_tail=args.log_tail)
+        poll_interval=args.poll_interval, log_tail=args.log_tail,
+        start_timeout=args.start_timeout)

@@ -83,8 +83,14 @@ def running_pods(plane, backend, namespace: str, job: str, count: int,
 
 
 def finish(plane, namespace: str, pods: list, exit_code: int = 0, reason: str = "") -> None:
-    for pod in pods:
-        plane.finish_pod(namespace, pod.metadata.name, exit_code, reason)
+    """End the pods' containers, the chief last: once it has succeeded, the TFJob operator
+    deletes the workers still running (cleanPodPolicy Running), which a later patch would miss."""
+    for pod in reversed(pods):
+        try:
+            plane.finish_pod(namespace, pod.metadata.name, exit_code, reason)
+        except client.ApiException as exc:
+            if exc.status != 404:  # already cleaned up by the operator
+                raise
 
 
 def gone(plane, backend, namespace: str, name: str) -> bool:

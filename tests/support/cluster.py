@@ -616,9 +616,11 @@ class ControlPlane:
             self._wait(deadline, component, checks[component.name])
 
     def stop(self) -> None:
-        pids = [c.proc.pid for c in reversed(list(self.components.values()))
-                if c.proc is not None and c.proc.poll() is None]
-        stop_pids(pids)
+        # One at a time, the clients first and etcd last: stopped together, the API server
+        # waits for its storage and takes seconds longer.
+        for c in reversed(list(self.components.values())):
+            if c.proc is not None and c.proc.poll() is None:
+                stop_pids([c.proc.pid])
         for c in self.components.values():
             if c.proc is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -903,9 +905,10 @@ def _down(workdir: Path) -> int:
         print(f"no control plane recorded in {workdir}")
         return 0
     pids = json.loads(state.read_text())
-    stop_pids(list(reversed(list(pids.values()))))
+    for pid in reversed(list(pids.values())):
+        stop_pids([pid])
     state.unlink()
-    print(f"stopped {', '.join(pids)}")
+    print(f"stopped {', '.join(reversed(list(pids)))}")
     return 0
 
 

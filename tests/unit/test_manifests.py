@@ -38,6 +38,9 @@ LAUNCHER_RULES = {
     ("kubeflow.org", "tfjobs"): {"create", "get", "list", "watch", "patch", "delete"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "pods/log"): {"get"},
+    # Why replicas do not start: the operator's FailedCreatePod and other Warning events.
+    ("", "events"): {"get", "list", "watch"},
+    ("events.k8s.io", "events"): {"get", "list", "watch"},
 }
 # What the trainer-v2 component adds for `launch --backend trainjob`: its TrainJobs, nothing of
 # the JobSets and Jobs Trainer's controllers make from them.

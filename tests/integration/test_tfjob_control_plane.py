@@ -1,0 +1,287 @@
+"""What is TFJob-only of the launcher against a real control plane (the life cycle of both
+backends: tests/integration/test_launch_cluster.py) (tests/support/cluster.py): kube-apiserver with
+the training-operator's CRD and webhook, the operator itself creating pods and Services,
+kube-scheduler placing them on kwok's GKE-shaped nodes, kube-controller-manager's garbage
+collector, RBAC decided by the real authorizer."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client
+
+from resnet_imagenet import cli
+from resnet_imagenet.errors import UserError
+from resnet_imagenet.launch import cluster, local, tfjob
+from resnet_imagenet.training import strategy
+from tests.support.cluster import (ACCELERATOR_LABEL, CPU_POOL, GPU_ACCELERATOR, GPU_POOL,
+                                   NODEPOOL_LABEL, REPO)
+
+TRAIN = ["--data-dir", "gs://bucket/tfrecords", "--model-dir", "gs://bucket/model"]
+POLL = 0.1
+OVERLAY_NAMESPACE = "kubeflow-user-example-com"  # what the overlays set; replaced per test
+
+
+def options(namespace: str, **overrides) -> tfjob.TFJobOptions:
+    values = {"name": "resnet-test", "namespace": namespace, "train_args": TRAIN, "workers": 2,
+              "cpu": "1", "memory": "1Gi"}
+    values.update(overrides)
+    return tfjob.TFJobOptions(**values)
+
+
+@contextlib.contextmanager
+def launching(api_client, opts, **kwargs):
+    """The launcher in a thread, as in its pod; the test plays the kubelet's outcomes."""
+    output = io.StringIO()
+    kwargs.setdefault("timeout", 60)  # a failing test ends instead of waiting forever
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(cluster.launch_tfjob, opts, api_client=api_client,
+                             poll_interval=POLL, output=output, **kwargs)
+        yield future, output
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout}s"
+        time.sleep(0.05)
+
+
+def core(plane) -> client.CoreV1Api:
+    return client.CoreV1Api(plane.admin())
+
+
+def custom(plane) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(plane.admin())
+
+
+def get_tfjob(plane, namespace: str, name: str) -> dict | None:
+    try:
+        return custom(plane).get_namespaced_custom_object(
+            tfjob.GROUP, tfjob.VERSION, namespace, tfjob.PLURAL, name)
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def running_pods(plane, namespace: str, job: str, count: int, timeout: float = 30.0) -> list:
+    """The operator's pods of ``job`` once ``count`` of them run (kwok), sorted by name."""
+    def ready():
+        pods = core(plane).list_namespaced_pod(
+            namespace, label_selector=f"{tfjob.JOB_NAME_LABEL}={job}").items
+        running = [p for p in pods if p.status.phase == "Running"]
+        return sorted(running, key=lambda p: p.metadata.name) if len(running) == count else None
+    return wait_until(ready, timeout, f"{count} running pods of {job}")
+
+
+def finish(plane, namespace: str, pods: list, exit_code: int = 0, reason: str = "") -> None:
+    """End the pods' containers, the chief (worker 0) last: once it has succeeded, the operator
+    deletes the workers still running (cleanPodPolicy Running)."""
+    for pod in sorted(pods, key=lambda p: p.metadata.name, reverse=True):
+        try:
+            plane.finish_pod(namespace, pod.metadata.name, exit_code, reason)
+        except client.ApiException as exc:
+            if exc.status != 404:  # already cleaned up by the operator
+                raise
+
+
+def tfjob_gone(plane, namespace: str, name: str) -> bool:
+    return get_tfjob(plane, namespace, name) is None
+
+
+# --- what the API server accepts --------------------------------------------------------------
+
+
+def test_the_manifests_examples_are_accepted(control_plane, kube_namespace):
+    for path in sorted((REPO / "manifests").rglob("tfjob-example.yaml")):
+        body = yaml.safe_load(path.read_text())
+        body["metadata"]["namespace"] = kube_namespace
+        custom(control_plane).create_namespaced_custom_object(
+            tfjob.GROUP, tfjob.VERSION, kube_namespace, tfjob.PLURAL, body, dry_run="All")
+
+
+@pytest.mark.parametrize("break_it, message", [
+    # The CRD's schema (structural: the type of a field).
+    (lambda job: job["spec"]["tfReplicaSpecs"]["Worker"].update(replicas="two"),
+     "spec.tfReplicaSpecs.Worker.replicas"),
+    # The operator's webhook (its rule: a container named tensorflow).
+    (lambda job: job["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+     .update(name="trainer"), "tensorflow"),
+], ids=["crd-schema", "webhook"])
+def test_a_malformed_tfjob_is_refused_with_the_servers_message_in_one_line(
+        control_plane, kube_namespace, break_it, message):
+    body = tfjob.build_tfjob(options(kube_namespace))
+    break_it(body)
+    run = cluster.JobRun(control_plane.admin(), cluster.TFJOB, body, poll_interval=POLL)
+    with pytest.raises(UserError) as refused:
+        run.submit()
+    text = str(refused.value)
+    assert "\n" not in text
+    assert text.startswith(f"the API server refused TFJob {kube_namespace}/resnet-test: ")
+    assert message in text
+    assert tfjob_gone(control_plane, kube_namespace, "resnet-test")
+
+
+# --- the launcher's life cycle --------------------------------------------------------------------
+
+
+def test_four_workers_get_the_tf_config_the_local_backend_writes(control_plane, kube_namespace):
+    opts = options(kube_namespace, workers=4)
+    with launching(control_plane.admin(), opts) as (result, _):
+        pods = running_pods(control_plane, kube_namespace, "resnet-test", 4)
+        services = core(control_plane).list_namespaced_service(
+            kube_namespace, label_selector=f"{tfjob.JOB_NAME_LABEL}=resnet-test").items
+        configs = []
+        for pod in pods:
+            (container,) = pod.spec.containers
+            env = {e.name: e.value for e in container.env or []}
+            configs.append(strategy.cluster_from_env(env))
+        finish(control_plane, kube_namespace, pods)
+        assert result.result(timeout=60) == 0
+
+    assert sorted(s.metadata.name for s in services) == [f"resnet-test-worker-{i}"
+                                                          for i in range(4)]
+    local_replicas = local.plan(4, ["train", *TRAIN])
+    local_configs = [strategy.cluster_from_env(r.environ()) for r in local_replicas]
+    assert [(c.num_workers, c.task_type, c.task_index, c.worker_id, c.is_chief)
+            for c in configs] == \
+        [(c.num_workers, c.task_type, c.task_index, c.worker_id, c.is_chief)
+         for c in local_configs]
+    # The operator's addresses: one Service per worker, the TFJob's port.
+    assert configs[0].workers == tuple(
+        f"resnet-test-worker-{i}.{kube_namespace}.svc:{tfjob.PORT}" for i in range(4))
+
+
+# --- RBAC, manifests ------------------------------------------------------------------------
+
+
+def apply_overlay(plane, overlay: str, namespace: str) -> list[dict]:
+    """``kubectl apply --server-side`` of an overlay, rendered by kubectl's kustomize, into
+    ``namespace`` instead of the overlay's placeholder namespace."""
+    rendered = plane.kubectl("kustomize", str(REPO / "manifests" / "overlays" / overlay)).stdout
+    objects = [o for o in yaml.safe_load_all(rendered) if o]
+    for obj in objects:
+        if obj["metadata"].get("namespace") == OVERLAY_NAMESPACE:
+            obj["metadata"]["namespace"] = namespace
+        for subject in obj.get("subjects") or []:
+            if subject.get("namespace") == OVERLAY_NAMESPACE:
+                subject["namespace"] = namespace
+    plane.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(objects))
+    return objects
+
+
+def can_i(plane, namespace: str, *args: str) -> str:
+    done = plane.kubectl("auth", "can-i", f"--as=system:serviceaccount:{namespace}:resnet-imagenet",
+                         *args, check=False)
+    return done.stdout.strip()
+
+
+@pytest.mark.parametrize("overlay", ["gke-gpu", "generic"])
+def test_overlay_rbac_is_enough_for_the_launcher_and_no_more(
+        control_plane, kube_namespace, overlay, tmp_path, caplog):
+    apply_overlay(control_plane, overlay, kube_namespace)
+    kubeconfig = control_plane.service_account_kubeconfig(
+        kube_namespace, "resnet-imagenet", tmp_path / "sa-kubeconfig")
+
+    # End to end as the ServiceAccount itself (its token, not admin).
+    as_sa = control_plane.api_client(kubeconfig)
+    with launching(as_sa, options(kube_namespace)) as (result, output):
+        chief, other = running_pods(control_plane, kube_namespace, "resnet-test", 2)
+        control_plane.pod_log(kube_namespace, chief.metadata.name, ["step 1"])
+        wait_until(lambda: "[worker-0] step 1" in output.getvalue(), what="the chief's log")
+        finish(control_plane, kube_namespace, [chief, other])
+        assert result.result(timeout=60) == 0
+    assert "cannot stream" not in caplog.text
+
+    other_namespace = control_plane.create_namespace(f"{kube_namespace}-other")
+    try:
+        assert can_i(control_plane, kube_namespace, "create", "tfjobs.kubeflow.org",
+                     "-n", kube_namespace) == "yes"
+        for args in (["get", "secrets", "-n", kube_namespace],
+                     ["create", "tfjobs.kubeflow.org", "-n", other_namespace],
+                     ["get", "pods", "-n", other_namespace],
+                     ["list", "nodes"], ["list", "namespaces"],
+                     ["create", "clusterroles.rbac.authorization.k8s.io"],
+                     ["create", "rolebindings.rbac.authorization.k8s.io", "-n", kube_namespace]):
+            assert can_i(control_plane, kube_namespace, *args) == "no", args
+    finally:
+        core(control_plane).delete_namespace(other_namespace)
+
+
+def test_without_the_rolebinding_the_launcher_names_verb_resource_and_namespace(
+        control_plane, kube_namespace, tmp_path, capsys):
+    apply_overlay(control_plane, "gke-gpu", kube_namespace)
+    client.RbacAuthorizationV1Api(control_plane.admin()).delete_namespaced_role_binding(
+        "resnet-imagenet-launcher", kube_namespace)
+    kubeconfig = control_plane.service_account_kubeconfig(
+        kube_namespace, "resnet-imagenet", tmp_path / "sa-kubeconfig")
+    status = cli.main(["launch", "--kubeconfig", kubeconfig, "--poll-interval", str(POLL),
+                       "--timeout", "30", "--", *TRAIN])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert len(err) == 1, err
+    assert err[0].startswith(
+        "error: permission denied: the launcher's identity may not create tfjobs.kubeflow.org "
+        f"in namespace '{kube_namespace}' (API server: tfjobs.kubeflow.org is forbidden: User "
+        f"\"system:serviceaccount:{kube_namespace}:resnet-imagenet\" cannot create resource "
+        f"\"tfjobs\" in API group \"kubeflow.org\" in the namespace \"{kube_namespace}\")")
+    assert tfjob.RBAC_MANIFEST in err[0]
+
+
+def test_tensorboard_runs_on_the_cpu_pool_as_its_service_account(control_plane, kube_namespace):
+    apply_overlay(control_plane, "gke-gpu", kube_namespace)
+
+    def scheduled():
+        pods = core(control_plane).list_namespaced_pod(
+            kube_namespace, label_selector="app.kubernetes.io/name=resnet-imagenet-tensorboard"
+        ).items
+        return pods if pods and all(p.spec.node_name for p in pods) else None
+
+    (pod,) = wait_until(scheduled, what="the TensorBoard pod scheduled")
+    node = core(control_plane).read_node(pod.spec.node_name)
+    assert node.metadata.labels[NODEPOOL_LABEL] == CPU_POOL
+    assert ACCELERATOR_LABEL not in node.metadata.labels
+    assert pod.spec.service_account_name == "resnet-imagenet"
+    # A GPU node would not take it anyway (its taint), and it asks for no GPU.
+    assert "nvidia.com/gpu" not in (pod.spec.containers[0].resources.limits or {})
+
+
+def test_the_plane_serves_kubectl_through_the_kubeconfig_it_wrote(control_plane):
+    nodes = control_plane.kubectl("get", "nodes", "-o", "name").stdout.split()
+    assert sorted(nodes) == sorted(
+        f"node/gke-test-{pool}-{i}" for pool in (GPU_POOL, CPU_POOL) for i in range(2))
+    gpu = core(control_plane).read_node(f"gke-test-{GPU_POOL}-0")
+    assert gpu.status.allocatable["nvidia.com/gpu"] == "4"
+    assert gpu.metadata.labels[ACCELERATOR_LABEL] == GPU_ACCELERATOR
+    assert [(t.key, t.value, t.effect) for t in gpu.spec.taints] == [
+        ("nvidia.com/gpu", "present", "NoSchedule")]
+    assert Path(control_plane.kubeconfig).is_file()
+
+
+def test_the_plane_and_the_gcs_emulators_proxy_share_a_session(control_plane, gcs_emulator):
+    """The GCS fixture routes HTTPS through its proxy for the session (HTTPS_PROXY); the
+    Kubernetes client and kubectl reach 127.0.0.1 directly all the same."""
+    assert os.environ["HTTPS_PROXY"] == gcs_emulator.proxy
+    assert "127.0.0.1" in os.environ["NO_PROXY"].split(",")
+    names = [n.metadata.name for n in client.CoreV1Api(
+        control_plane.api_client(control_plane.kubeconfig)).list_node().items]
+    assert len(names) == 4
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("kubectl")), "--kubeconfig",
+         str(control_plane.kubeconfig), "get", "nodes", "-o", "name"],
+        capture_output=True, text=True, timeout=60)  # with this process's environment
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.split()) == 4
