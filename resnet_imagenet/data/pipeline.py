@@ -148,7 +148,11 @@ def _training_records(files: list[str], seed: int, start_epoch: int, skip: int,
         records = tf.data.Dataset.from_tensor_slices(_file_order(files_t, seed, epoch)).interleave(
             _records, cycle_length=cycle, num_parallel_calls=cycle, deterministic=True)
         if shuffle_buffer > 1:
-            records = records.shuffle(shuffle_buffer, seed=seed * 1_000_003 + epoch)
+            # A Python seed: a tensor seed (one per epoch) breaks under a global seed of 0
+            # (tf.random.set_seed(0): random_seed.get_seed compares the tensor as a bool). The
+            # epochs still differ, as each one reads its files in its own (seed, epoch) order.
+            records = records.shuffle(shuffle_buffer, seed=seed * 1_000_003 + 1,
+                                      reshuffle_each_iteration=False)
         return records.enumerate().map(
             lambda index, record: (tf.bitwise.left_shift(epoch, POSITION_BITS) + index, *record))
 

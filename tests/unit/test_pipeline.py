@@ -281,3 +281,17 @@ def test_a_label_outside_the_classes_stops_the_stream_naming_the_shard(tmp_path,
             pass
     match = pipeline.BAD_LABEL_RE.search(info.value.message)
     assert match.groups() == ("11", "10", str(tmp_path / "train-00000-of-00001"))
+
+
+def test_the_training_stream_builds_under_a_global_seed_of_zero(tmp_path):
+    """``tf.random.set_seed(0)`` (as keras.utils.set_random_seed(0) does) made the per-epoch
+    shuffle's tensor seed fail in random_seed.get_seed ("symbolic Tensor as a Python bool")."""
+    import tensorflow as tf
+
+    tf.random.set_seed(0)
+    try:
+        stream = pipeline._training_records([str(tmp_path / "train-00000-of-00001")], seed=0,
+                                            start_epoch=0, skip=0, shuffle_buffer=8)
+    finally:
+        tf.random.set_seed(None)
+    assert stream.element_spec[0].dtype == tf.int64
