@@ -27,7 +27,8 @@ from resnet_imagenet import cli
 from resnet_imagenet.errors import UserError
 from resnet_imagenet.launch import cluster, local, tfjob, trainjob
 from resnet_imagenet.training import strategy
-from tests.support.backends import BACKENDS, TRAINJOB, apply, render_overlay
+from tests.support.backends import (BACKENDS, TRAINJOB, apply, core, finish, pods_of,
+                                    render_overlay, running_pods, wait_until)
 from tests.support.cluster import GPU_ACCELERATOR, GPU_POOL, NODEPOOL_LABEL
 
 POLL = 0.1
@@ -50,47 +51,6 @@ def launching(backend, api_client, opts, **kwargs):
         future = pool.submit(backend.launch, opts, api_client=api_client, poll_interval=POLL,
                              output=output, **kwargs)
         yield future, output
-
-
-def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout}s"
-        time.sleep(0.05)
-
-
-def core(plane) -> client.CoreV1Api:
-    return client.CoreV1Api(plane.admin())
-
-
-def pods_of(plane, backend, namespace: str, job: str) -> list:
-    return core(plane).list_namespaced_pod(namespace, label_selector=backend.selector(job)).items
-
-
-def running_pods(plane, backend, namespace: str, job: str, count: int,
-                 timeout: float = 60.0) -> list:
-    """The job's worker pods once ``count`` of them run (kwok), in replica order."""
-    def ready():
-        running = [p for p in pods_of(plane, backend, namespace, job)
-                   if p.status.phase == "Running" and not p.metadata.deletion_timestamp]
-        if len(running) != count:
-            return None
-        return sorted(running, key=lambda p: int(backend.replica(p).rsplit("-", 1)[1]))
-    return wait_until(ready, timeout, f"{count} running pods of {job}")
-
-
-def finish(plane, namespace: str, pods: list, exit_code: int = 0, reason: str = "") -> None:
-    """End the pods' containers, the chief last: once it has succeeded, the TFJob operator
-    deletes the workers still running (cleanPodPolicy Running), which a later patch would miss."""
-    for pod in reversed(pods):
-        try:
-            plane.finish_pod(namespace, pod.metadata.name, exit_code, reason)
-        except client.ApiException as exc:
-            if exc.status != 404:  # already cleaned up by the operator
-                raise
 
 
 def gone(plane, backend, namespace: str, name: str) -> bool:
@@ -315,7 +275,9 @@ def test_timeout_deletes_the_job_and_its_pods(control_plane, kube_namespace, bac
     with launching(backend, control_plane.admin(), backend.options(kube_namespace),
                    timeout=4) as (result, _):
         running_pods(control_plane, backend, kube_namespace, "resnet-test", 2)
-        assert result.result(timeout=90) == 124
+        # After its --timeout the launcher waits up to DEFAULT_DELETE_WAIT for the job to be
+        # gone; a TrainJob's foreground chain (JobSet, Jobs, pods) can take most of it here.
+        assert result.result(timeout=4 + cluster.DEFAULT_DELETE_WAIT + 30) == 124
     wait_until(lambda: gone(control_plane, backend, kube_namespace, "resnet-test"),
                what="the job and its pods gone")
     assert "did not finish within --timeout 4s; deleting it" in caplog.text

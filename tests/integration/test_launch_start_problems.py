@@ -16,11 +16,9 @@ from resnet_imagenet.launch import tfjob
 from tests.integration.test_launch_cluster import backend  # noqa: F401  (the fixture)
 from tests.integration.test_launch_cluster import gone
 from tests.integration.test_launch_cluster import launching as backend_launching
-from tests.integration.test_launch_cluster import running_pods as backend_running_pods
-from tests.integration.test_tfjob_control_plane import (apply_overlay, can_i, custom, finish,
-                                                        get_tfjob, launching, options,
-                                                        running_pods, tfjob_gone, wait_until)
-from tests.support.backends import TFJOB
+from tests.integration.test_tfjob_control_plane import (apply_overlay, can_i, custom, get_tfjob,
+                                                        launching, options, tfjob_gone)
+from tests.support.backends import TFJOB, finish, running_pods, wait_until
 
 
 def launcher_lines(caplog) -> list[str]:
@@ -79,7 +77,7 @@ def test_start_timeout_0_waits_for_ever_and_a_running_replica_ends_the_start_wai
     caplog.set_level(logging.INFO)
     began = time.monotonic()
     with launching(control_plane.admin(), options(kube_namespace), start_timeout=8) as (result, _):
-        pods = running_pods(control_plane, kube_namespace, "resnet-test", 2)
+        pods = running_pods(control_plane, TFJOB, kube_namespace, "resnet-test", 2, timeout=30.0)
         time.sleep(max(0.0, began + 9 - time.monotonic()))  # past it, with replicas running
         assert not result.done(), result.result()
         finish(control_plane, kube_namespace, pods)
@@ -122,7 +120,7 @@ def test_deleted_is_logged_once_the_job_is_gone(control_plane, kube_namespace, b
     try:
         with backend_launching(backend, control_plane.admin(), backend.options(kube_namespace),
                                timeout=4) as (result, _):
-            backend_running_pods(control_plane, backend, kube_namespace, "resnet-test", 2)
+            running_pods(control_plane, backend, kube_namespace, "resnet-test", 2)
             assert result.result(timeout=60) == 124
     finally:
         logging.getLogger("resnet_imagenet").removeHandler(check)
@@ -137,7 +135,7 @@ def test_a_tfjob_that_outlives_the_delete_wait_is_reported_and_the_status_kept(
     caplog.set_level(logging.INFO)
     with launching(control_plane.admin(), options(kube_namespace), timeout=3,
                    delete_wait=2) as (result, _):
-        wait_until(lambda: get_tfjob(control_plane, kube_namespace, "resnet-test"))
+        wait_until(lambda: get_tfjob(control_plane, kube_namespace, "resnet-test"), timeout=30.0)
         # Something else holds the TFJob (a finalizer nobody removes).
         custom(control_plane).patch_namespaced_custom_object(
             tfjob.GROUP, tfjob.VERSION, kube_namespace, tfjob.PLURAL, "resnet-test",

@@ -11,7 +11,6 @@ import io
 import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from resnet_imagenet import cli
 from resnet_imagenet.errors import UserError
 from resnet_imagenet.launch import cluster, local, tfjob
 from resnet_imagenet.training import strategy
+from tests.support.backends import TFJOB, core, finish, running_pods, wait_until
 from tests.support.cluster import (ACCELERATOR_LABEL, CPU_POOL, GPU_ACCELERATOR, GPU_POOL,
                                    NODEPOOL_LABEL, REPO)
 
@@ -49,20 +49,6 @@ def launching(api_client, opts, **kwargs):
         yield future, output
 
 
-def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout}s"
-        time.sleep(0.05)
-
-
-def core(plane) -> client.CoreV1Api:
-    return client.CoreV1Api(plane.admin())
-
-
 def custom(plane) -> client.CustomObjectsApi:
     return client.CustomObjectsApi(plane.admin())
 
@@ -75,27 +61,6 @@ def get_tfjob(plane, namespace: str, name: str) -> dict | None:
         if exc.status == 404:
             return None
         raise
-
-
-def running_pods(plane, namespace: str, job: str, count: int, timeout: float = 30.0) -> list:
-    """The operator's pods of ``job`` once ``count`` of them run (kwok), sorted by name."""
-    def ready():
-        pods = core(plane).list_namespaced_pod(
-            namespace, label_selector=f"{tfjob.JOB_NAME_LABEL}={job}").items
-        running = [p for p in pods if p.status.phase == "Running"]
-        return sorted(running, key=lambda p: p.metadata.name) if len(running) == count else None
-    return wait_until(ready, timeout, f"{count} running pods of {job}")
-
-
-def finish(plane, namespace: str, pods: list, exit_code: int = 0, reason: str = "") -> None:
-    """End the pods' containers, the chief (worker 0) last: once it has succeeded, the operator
-    deletes the workers still running (cleanPodPolicy Running)."""
-    for pod in sorted(pods, key=lambda p: p.metadata.name, reverse=True):
-        try:
-            plane.finish_pod(namespace, pod.metadata.name, exit_code, reason)
-        except client.ApiException as exc:
-            if exc.status != 404:  # already cleaned up by the operator
-                raise
 
 
 def tfjob_gone(plane, namespace: str, name: str) -> bool:
@@ -141,7 +106,7 @@ def test_a_malformed_tfjob_is_refused_with_the_servers_message_in_one_line(
 def test_four_workers_get_the_tf_config_the_local_backend_writes(control_plane, kube_namespace):
     opts = options(kube_namespace, workers=4)
     with launching(control_plane.admin(), opts) as (result, _):
-        pods = running_pods(control_plane, kube_namespace, "resnet-test", 4)
+        pods = running_pods(control_plane, TFJOB, kube_namespace, "resnet-test", 4, timeout=30.0)
         services = core(control_plane).list_namespaced_service(
             kube_namespace, label_selector=f"{tfjob.JOB_NAME_LABEL}=resnet-test").items
         configs = []
@@ -199,9 +164,11 @@ def test_overlay_rbac_is_enough_for_the_launcher_and_no_more(
     # End to end as the ServiceAccount itself (its token, not admin).
     as_sa = control_plane.api_client(kubeconfig)
     with launching(as_sa, options(kube_namespace)) as (result, output):
-        chief, other = running_pods(control_plane, kube_namespace, "resnet-test", 2)
+        chief, other = running_pods(control_plane, TFJOB, kube_namespace, "resnet-test", 2,
+                                    timeout=30.0)
         control_plane.pod_log(kube_namespace, chief.metadata.name, ["step 1"])
-        wait_until(lambda: "[worker-0] step 1" in output.getvalue(), what="the chief's log")
+        wait_until(lambda: "[worker-0] step 1" in output.getvalue(), timeout=30.0,
+                   what="the chief's log")
         finish(control_plane, kube_namespace, [chief, other])
         assert result.result(timeout=60) == 0
     assert "cannot stream" not in caplog.text
@@ -250,7 +217,7 @@ def test_tensorboard_runs_on_the_cpu_pool_as_its_service_account(control_plane, 
         ).items
         return pods if pods and all(p.spec.node_name for p in pods) else None
 
-    (pod,) = wait_until(scheduled, what="the TensorBoard pod scheduled")
+    (pod,) = wait_until(scheduled, timeout=30.0, what="the TensorBoard pod scheduled")
     node = core(control_plane).read_node(pod.spec.node_name)
     assert node.metadata.labels[NODEPOOL_LABEL] == CPU_POOL
     assert ACCELERATOR_LABEL not in node.metadata.labels

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import yaml
+from kubernetes import client
 
 from resnet_imagenet.launch import cluster, tfjob, trainjob
 
@@ -129,3 +131,46 @@ TRAINJOB = Backend(
                   f"{trainjob.REPLICATED_JOB_LABEL}={trainjob.NODE}"),
     container=trainjob.NODE, chief="node-0")
 BACKENDS = (TFJOB, TRAINJOB)
+
+
+# --- helpers of the control-plane tests, for both backends ------------------------------
+
+def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout}s"
+        time.sleep(0.05)
+
+
+def core(plane) -> client.CoreV1Api:
+    return client.CoreV1Api(plane.admin())
+
+
+def pods_of(plane, backend, namespace: str, job: str) -> list:
+    return core(plane).list_namespaced_pod(namespace, label_selector=backend.selector(job)).items
+
+
+def running_pods(plane, backend, namespace: str, job: str, count: int,
+                 timeout: float = 60.0) -> list:
+    """The job's worker pods once ``count`` of them run (kwok), in replica order."""
+    def ready():
+        running = [p for p in pods_of(plane, backend, namespace, job)
+                   if p.status.phase == "Running" and not p.metadata.deletion_timestamp]
+        if len(running) != count:
+            return None
+        return sorted(running, key=lambda p: int(backend.replica(p).rsplit("-", 1)[1]))
+    return wait_until(ready, timeout, f"{count} running pods of {job}")
+
+
+def finish(plane, namespace: str, pods: list, exit_code: int = 0, reason: str = "") -> None:
+    """End the pods' containers, the chief last: once it has succeeded, the TFJob operator
+    deletes the workers still running (cleanPodPolicy Running), which a later patch would miss."""
+    for pod in reversed(pods):
+        try:
+            plane.finish_pod(namespace, pod.metadata.name, exit_code, reason)
+        except client.ApiException as exc:
+            if exc.status != 404:  # already cleaned up by the operator
+                raise
