@@ -19,13 +19,13 @@ pytestmark = pytest.mark.gcs
 
 
 @pytest.fixture(scope="module")
-def raw(gcs_emulator, tmp_path_factory) -> str:
+def raw(gcs_server, tmp_path_factory) -> str:
     """A bucket holding the demo archives (uploaded straight, not through the policy)."""
     name = f"raw-{uuid.uuid4().hex[:12]}"
-    gcs_client().create_bucket(name)
+    gcs_client(gcs_server).create_bucket(name)
     local = tmp_path_factory.mktemp("archives") / "raw"
     sample.build(str(local), per_class=2, as_archives=True)
-    bucket = gcs_client().bucket(name)
+    bucket = gcs_client(gcs_server).bucket(name)
     for path in local.iterdir():
         bucket.blob(f"imagenet/{path.name}").upload_from_filename(str(path))
     return f"gs://{name}/imagenet"

@@ -10,6 +10,7 @@ Tests that use the emulator fixtures are marked ``gcs`` by the plugin (tests/sup
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
 import socket
@@ -22,7 +23,8 @@ import urllib.parse
 import pytest
 
 from resnet_imagenet import storage
-from tests.support.gcs import GcsEmulator, gcs_client, start_emulator, stop_emulator
+from tests.support.gcs import (ENV_AT_START, GcsEmulator, gcs_client, start_emulator,
+                                stop_emulator)
 
 def bucket_of(uri: str):
     return gcs_client().bucket(uri[len("gs://"):])
@@ -243,7 +245,35 @@ def test_killing_the_emulator_process_takes_fake_gcs_server_down(tmp_path):
     stop_emulator(proc)
 
 
-def test_session_env_is_set_before_any_gcs_use():
-    """No test needs the fixture for TensorFlow to skip auth and metadata-server lookups."""
-    assert os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"]
-    assert os.environ["NO_GCE_CHECK"] == "true"
+_ROUTING = ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy", "STORAGE_EMULATOR_HOST",
+            "CURL_CA_BUNDLE", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "NO_GCE_CHECK")
+
+
+def _child_env(names) -> dict[str, str | None]:
+    """What a process started the ordinary way (inheriting os.environ) sees of ``names``."""
+    code = "import json, os, sys; print(json.dumps({n: os.environ.get(n) for n in sys.argv[1:]}))"
+    done = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True,
+                          check=True, timeout=60)
+    return json.loads(done.stdout)
+
+
+def test_a_running_emulator_changes_no_environment(gcs_server):
+    """With the emulator up, a pip or any child a test starts sees the environment the session
+    started with: no proxy to the emulator, no emulator host, no test CA."""
+    seen = _child_env(_ROUTING)
+    assert seen == {name: ENV_AT_START.get(name) for name in _ROUTING}
+    assert gcs_server.proxy not in seen.values() and gcs_server.endpoint not in seen.values()
+    assert gcs_server.ca_file not in seen.values()
+
+
+def test_the_routing_lasts_only_as_long_as_the_test(gcs_server):
+    """``gcs_emulator`` is this, per test: its routing reaches children, then goes."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in gcs_server.env().items():
+            patch.setenv(name, value)
+        inside = _child_env(_ROUTING)
+    assert inside["HTTPS_PROXY"] == inside["https_proxy"] == gcs_server.proxy
+    assert inside["STORAGE_EMULATOR_HOST"] == gcs_server.endpoint
+    assert inside["CURL_CA_BUNDLE"] == gcs_server.ca_file
+    assert "127.0.0.1" in inside["NO_PROXY"].split(",")
+    assert _child_env(_ROUTING) == {name: ENV_AT_START.get(name) for name in _ROUTING}

@@ -239,7 +239,7 @@ def test_the_plane_serves_kubectl_through_the_kubeconfig_it_wrote(control_plane)
 
 
 def test_the_plane_and_the_gcs_emulators_proxy_share_a_session(control_plane, gcs_emulator):
-    """The GCS fixture routes HTTPS through its proxy for the session (HTTPS_PROXY); the
+    """The GCS fixture routes HTTPS through its proxy for the test (HTTPS_PROXY); the
     Kubernetes client and kubectl reach 127.0.0.1 directly all the same."""
     assert os.environ["HTTPS_PROXY"] == gcs_emulator.proxy
     assert "127.0.0.1" in os.environ["NO_PROXY"].split(",")

@@ -2,27 +2,34 @@
 
 Fixtures:
 
-* ``gcs_emulator`` (session): starts ``gcs_emulator.py`` in its own process (fake-gcs-server on
+* ``gcs_server`` (session): starts ``gcs_emulator.py`` in its own process (fake-gcs-server on
   127.0.0.1 plus the TLS-terminating HTTPS CONNECT proxy in front of it; see that module for why
-  and how) and points the session's environment at it, so that every process the tests spawn
-  (CLI runs, training workers) inherits the routing:
+  and how), once per test session (per xdist worker). It changes no environment variable: a
+  ``pip`` or any other process a test starts the ordinary way never tunnels to the emulator.
+* ``gcs_emulator`` (function): that emulator, with its routing (:meth:`GcsEmulator.env`) in
+  ``os.environ`` for the one test that asks for it (``monkeypatch``), so that TensorFlow in the
+  test process and every process the test spawns (CLI runs, training workers) reach it:
 
   - ``STORAGE_EMULATOR_HOST``: google-cloud-storage uses the emulator's plain-HTTP endpoint;
   - ``HTTPS_PROXY``: TensorFlow's libcurl sends ``CONNECT www.googleapis.com:443`` (and
     ``storage.googleapis.com:443``) to the proxy, which serves those and refuses everything else;
   - ``CURL_CA_BUNDLE``: TensorFlow's libcurl trusts the test CA that signed the proxy's certificate;
   - ``NO_PROXY``: 127.0.0.1 and localhost are reached directly (the emulator endpoint, and the
-    upload session URLs it hands out).
+    upload session URLs it hands out);
+  - ``GOOGLE_AUTH_TOKEN_FOR_TESTING`` (TensorFlow's bearer token: no auth traffic),
+    ``NO_GCE_CHECK`` (no probe of the GCE metadata server) and, unless already set, short
+    ``GCS_RETRY_CONFIG_*`` (a broken emulator fails in seconds, not minutes).
 
-  TensorFlow reads the proxy and CA variables for every request, so they may appear mid-session.
-  What it reads once per process (the auth token, the retry policy) and google-auth's
-  ``NO_GCE_CHECK`` (read at import) are set by :func:`pytest_configure`, before any test module
-  is imported, whether or not the emulator is used.
-* ``gcs_bucket`` (function): a fresh, uniquely named bucket, as ``"gs://<bucket>"``. Buckets live in
-  the emulator's memory and go with it at the end of the session.
+  TensorFlow reads the proxy and CA variables for every request and its token and retry policy
+  when a process first touches ``gs://``, which in a test process is inside such a test.
+  Give a subprocess started outside such a test ``env={**os.environ, **emulator.env()}``.
+* ``gcs_bucket`` (function): a fresh, uniquely named bucket, as ``"gs://<bucket>"``, with the
+  routing of ``gcs_emulator``. Buckets live in the emulator's memory and go with it at the end
+  of the session.
 
 :func:`gcs_client` returns a google-cloud-storage client for the emulator (anonymous credentials),
-to set up or inspect objects independently of TensorFlow.
+to set up or inspect objects independently of TensorFlow; given a ``gcs_server`` it needs no
+environment, so module-scoped fixtures can fill buckets.
 
 Tests that use these fixtures are marked ``gcs`` automatically (``-m "not gcs"`` skips them).
 """
@@ -44,8 +51,8 @@ import pytest
 EMULATOR_SCRIPT = Path(__file__).with_name("gcs_emulator.py")
 STARTUP_TIMEOUT_S = 30
 
-# Set for the whole session, before anything can touch gs://:
-_SESSION_ENV = {
+# Part of the routing: who TensorFlow and google-auth are, without any auth traffic.
+_AUTH_ENV = {
     # TensorFlow: the bearer token to send. Checked before any credential file or the GCE
     # metadata server, and then cached for the life of the process, so no auth traffic ever.
     "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake-gcs-server",
@@ -54,23 +61,20 @@ _SESSION_ENV = {
 }
 # Defaults only (a developer may override them): TensorFlow retries failed GCS requests 10 times
 # with exponential backoff, which turns a broken emulator into minutes of silence per call.
-_SESSION_ENV_DEFAULTS = {
+_RETRY_ENV_DEFAULTS = {
     "GCS_RETRY_CONFIG_MAX_RETRIES": "2",
     "GCS_RETRY_CONFIG_INIT_DELAY_TIME_US": "100000",
     "GCS_RETRY_CONFIG_MAX_DELAY_TIME_US": "1000000",
 }
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost")
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    os.environ.update(_SESSION_ENV)
-    for name, value in _SESSION_ENV_DEFAULTS.items():
-        os.environ.setdefault(name, value)
+# The environment before any fixture ran: what every test and child must see outside a
+# ``gcs_emulator`` test (tests compare against it; the machine may set CA variables of its own).
+ENV_AT_START = dict(os.environ)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "gcs_emulator" in getattr(item, "fixturenames", ()):
+        if {"gcs_server", "gcs_emulator"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.gcs)
 
 
@@ -86,7 +90,7 @@ class GcsEmulator:
     server_pid: int  # fake-gcs-server
 
     def env(self) -> dict[str, str]:
-        """The variables to set on top of ``os.environ`` to use this emulator."""
+        """The variables to set on top of ``os.environ`` for a process to use this emulator."""
         inherited = os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or ""
         no_proxy = [host for host in inherited.split(",") if host.strip()]
         no_proxy += [host for host in _LOOPBACK_NAMES if host not in no_proxy]
@@ -99,6 +103,8 @@ class GcsEmulator:
             "NO_PROXY": no_proxy_value,
             "no_proxy": no_proxy_value,
             "CURL_CA_BUNDLE": self.ca_file,
+            **_AUTH_ENV,
+            **{name: os.environ.get(name, value) for name, value in _RETRY_ENV_DEFAULTS.items()},
         }
 
 
@@ -165,30 +171,34 @@ def stop_emulator(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
-def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulator]:
+def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulator]:
     proc, emulator = start_emulator(tmp_path_factory.mktemp("gcs-emulator"))
-    routing = emulator.env()
-    saved = {name: os.environ.get(name) for name in routing}
-    os.environ.update(routing)
     try:
         yield emulator
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         stop_emulator(proc)
 
 
-def gcs_client():
-    """A google-cloud-storage client for the running emulator, with anonymous credentials."""
+@pytest.fixture
+def gcs_emulator(gcs_server: GcsEmulator, monkeypatch: pytest.MonkeyPatch) -> GcsEmulator:
+    for name, value in gcs_server.env().items():
+        monkeypatch.setenv(name, value)
+    return gcs_server
+
+
+def gcs_client(emulator: GcsEmulator | None = None):
+    """A google-cloud-storage client for the emulator, with anonymous credentials.
+
+    ``emulator``: the one to reach (a ``gcs_server``); without it, the one that
+    ``STORAGE_EMULATOR_HOST`` names (inside a test that uses ``gcs_emulator``).
+    """
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
-    endpoint = os.environ.get("STORAGE_EMULATOR_HOST")
+    endpoint = emulator.endpoint if emulator else os.environ.get("STORAGE_EMULATOR_HOST")
     if not endpoint:
-        raise RuntimeError("gcs_client() needs the emulator: request the gcs_emulator fixture")
+        raise RuntimeError("gcs_client() needs the emulator: pass gcs_server, or request the "
+                           "gcs_emulator fixture")
     return storage.Client(
         project="test",
         credentials=AnonymousCredentials(),
@@ -199,5 +209,5 @@ def gcs_client():
 @pytest.fixture
 def gcs_bucket(gcs_emulator: GcsEmulator) -> str:
     name = f"test-{uuid.uuid4().hex[:16]}"
-    gcs_client().create_bucket(name)
+    gcs_client(gcs_emulator).create_bucket(name)
     return f"gs://{name}"
