@@ -69,26 +69,43 @@ def cache_dir() -> str:
 
 def schemas(version: str) -> str:
     """The folder with that release's schema packages, installed from PyPI the first time
-    (to a temporary folder renamed when complete; one installer at a time per machine)."""
-    target = os.path.join(cache_dir(), "kfp-schemas", version)
+    (to a temporary folder renamed when complete; one installer at a time per machine).
+
+    Raises UserError when the cache folder cannot be written, CheckFailed when pip fails.
+    """
+    from resnet_imagenet.errors import UserError
+
+    folder = os.path.join(cache_dir(), "kfp-schemas")
+    target = os.path.join(folder, version)
     if os.path.isdir(target):
         return target
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    with open(os.path.join(cache_dir(), "kfp-schemas.lock"), "w") as lock:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        lock = open(os.path.join(folder, ".lock"), "w")
+    except OSError as exc:
+        raise UserError(f"cannot write the cache folder {folder} ({exc.strerror}): make it "
+                        "writable, or point RESNET_IMAGENET_CACHE at a folder you own") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.isdir(target):
             return target
-        partial = tempfile.mkdtemp(prefix=f"{version}.tmp.", dir=os.path.dirname(target))
-        result = subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", partial,
-             *(f"{name}=={version}" for name in SCHEMA_PACKAGES)],
-            capture_output=True, text=True, timeout=600)
-        if result.returncode:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise CheckFailed(f"cannot install the KFP {version} schemas "
-                              f"({' '.join(SCHEMA_PACKAGES)} {version}) from PyPI: "
-                              f"{(result.stderr.strip().splitlines() or ['pip failed'])[-1]}")
-        os.rename(partial, target)
+        # Under the lock no install runs: a temporary folder is what a killed one left behind.
+        for name in os.listdir(folder):
+            if ".tmp." in name:
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        partial = tempfile.mkdtemp(prefix=f"{version}.tmp.", dir=folder)
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
+                 partial, *(f"{name}=={version}" for name in SCHEMA_PACKAGES)],
+                capture_output=True, text=True, timeout=600)
+            if result.returncode:
+                raise CheckFailed(f"cannot install the KFP {version} schemas "
+                                  f"({' '.join(SCHEMA_PACKAGES)} {version}) from PyPI: "
+                                  f"{(result.stderr.strip().splitlines() or ['pip failed'])[-1]}")
+            os.rename(partial, target)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)  # gone already when renamed
     return target
 
 

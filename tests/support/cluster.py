@@ -340,8 +340,16 @@ def webhook_pki() -> Path:
     final = cache / "webhook-pki"
     if (final / "tls.crt").is_file():
         return final
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="webhook-pki.", dir=cache))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="webhook-pki.tmp.", dir=cache))
+    except OSError as exc:
+        raise StartError(f"cannot write the cache folder {cache} ({exc.strerror}): make it "
+                         "writable, or point RESNET_IMAGENET_CACHE at a folder you own") from None
+    # What a killed first start left behind (a temporary folder an hour old is no one's now).
+    for stale in cache.glob("webhook-pki.tmp.*"):
+        if stale != tmp and time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
     # RSA in PKCS#1 for the CA: the rotator reads that key as such when it renews.
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ca = _issue(ca_key, WEBHOOK_CA_NAME, ca=True, organization="training-operator",

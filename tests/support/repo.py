@@ -1,0 +1,7 @@
+"""Where the repository is, for tests that run its scripts and read its files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
