@@ -28,8 +28,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m resnet_imagenet run-local --workdir $(WORKDIR)
 
+# One pytest worker per core (at most 4: each holds TensorFlow), each running whole groups of
+# tests (tests/conftest.py); --durations lists the slowest tests at the end.
 test: $(STAMP) tools
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadgroup --durations=15
 
 # The Go-built control plane the Kubernetes tests run against (tools/versions.env pins it): built
 # once per machine into ~/.cache/resnet-imagenet/bin, a no-op afterwards.

@@ -13,6 +13,32 @@ import pytest  # noqa: E402
 
 pytest_plugins = ["tests.support.gcs", "tests.support.model_dir", "tests.support.cluster"]
 
+# Under pytest-xdist (`make test`: -n auto --dist loadgroup) a worker runs whole groups: a test
+# module is one group, so its module-scoped fixtures (a full run-local, a trained model) run
+# once; modules that share an expensive session fixture are one group, so only one worker starts
+# it. (Checked per module: a module goes where any of its tests needs the fixture.)
+SHARED_SESSION_FIXTURES = {
+    "control_plane": "control-plane",  # etcd, the API server, controllers, operators (~15 s)
+    "trained_model": "trained-model",  # a tiny ResNet trained and checkpointed
+    "exported_model": "trained-model",
+    "resnet34_checkpoint": "trained-model",
+}
+
+
+@pytest.hookimpl(wrapper=True)  # around every other implementation: before xdist reads groups
+def pytest_collection_modifyitems(items: list[pytest.Item]):
+    shared_by_module: dict[str, set[str]] = {}
+    for item in items:
+        shared = shared_by_module.setdefault(item.nodeid.split("::", 1)[0], set())
+        shared.update(SHARED_SESSION_FIXTURES[name] for name in getattr(item, "fixturenames", ())
+                      if name in SHARED_SESSION_FIXTURES)
+    # One group per module; "control-plane" wins over "trained-model" where a module needs both.
+    group_of_module = {module: min(shared) if shared else module
+                       for module, shared in shared_by_module.items()}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group_of_module[item.nodeid.split("::", 1)[0]]))
+    return (yield)
+
 
 @pytest.fixture(scope="session")
 def demo_raw(tmp_path_factory) -> str:
