@@ -176,8 +176,8 @@ def cluster_options(args: argparse.Namespace) -> options.ClusterOptions:
                     "manifests/components/trainer-v2"
                 )
         return trainjob.TrainJobOptions(**_common_options(args))
-    return tfjob.TFJobOptions(**_common_options(args),
-                              **{attribute: getattr(args, attribute) for attribute in RUNTIME_OWNED})
+    run_policy = {attribute: getattr(args, attribute) for attribute in RUNTIME_OWNED}
+    return tfjob.TFJobOptions(**_common_options(args), **run_policy)
 
 
 def run(args: argparse.Namespace) -> int:
