@@ -35,9 +35,15 @@ import os
 import sys
 
 from resnet_imagenet.errors import UserError
-from resnet_imagenet.launch import cluster, local, tfjob, trainjob
+from resnet_imagenet.launch import lifecycle, local, options, tfjob, trainjob
+from resnet_imagenet.launch.backend import ClusterBackend
 
 BACKENDS = ("tfjob", "trainjob", "local")
+CLUSTER_BACKENDS: dict[str, ClusterBackend] = {b.name: b for b in (tfjob.BACKEND,
+                                                                   trainjob.BACKEND)}
+# The tfjob group's flags: under Trainer v2 the TrainingRuntime decides these for every TrainJob.
+RUNTIME_OWNED = ("restart_policy", "clean_pod_policy", "backoff_limit",
+                 "ttl_seconds_after_finished")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,21 +57,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evaluator", action="store_true",
                         help="also run 'evaluate --watch' on the checkpoints as they appear")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                        help="stop (and delete the TFJob) after this long (default: no limit); "
+                        help="stop (and delete the job) after this long (default: no limit); "
                         "the launcher enforces it: it is also written to the TFJob's "
-                        "runPolicy.activeDeadlineSeconds, which operator v1.9 does not enforce "
-                        "promptly")
+                        "runPolicy.activeDeadlineSeconds (which operator v1.9 does not enforce "
+                        "promptly) or the TrainJob's spec.activeDeadlineSeconds")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the TFJob YAML for 'kubectl apply -f -' (local: the "
-                        "processes and their TF_CONFIG) and exit")
+                        help="print the TFJob (or TrainJob) YAML for 'kubectl apply -f -' "
+                        "(local: the processes and their TF_CONFIG) and exit")
+    _add_cluster_arguments(parser.add_argument_group("tfjob and trainjob backends"))
+    _add_tfjob_arguments(parser.add_argument_group("tfjob backend"))
+    parser.add_argument_group(
+        "trainjob backend",
+        f"the TrainJob references the TrainingRuntime {trainjob.RUNTIME} (with --evaluator "
+        f"{trainjob.RUNTIME_WITH_EVALUATOR}, which needs --gpus-per-worker 1 or more) of "
+        "manifests/components/trainer-v2; the runtime decides the restart and clean-up "
+        "policies, retries and TTL, so the tfjob backend's flags for them are refused")
+    parser.add_argument("train_args", nargs="*", metavar="-- TRAIN_FLAGS",
+                        help="flags of 'resnet-imagenet train'")
 
-    job = parser.add_argument_group("tfjob backend")
-    job.add_argument("--image", default=tfjob.DEFAULT_IMAGE,
+
+def _add_cluster_arguments(job) -> None:
+    job.add_argument("--image", default=options.DEFAULT_IMAGE,
                      help="trainer image, pinned by tag or digest (default %(default)s)")
     job.add_argument("--namespace", help="default: the kubeconfig context's, or the pod's")
-    job.add_argument("--name", help="TFJob name (default: derived from --run-id, else random)")
+    job.add_argument("--name", help="job name (default: derived from --run-id, else random)")
     job.add_argument("--run-id", default=os.environ.get("KFP_RUN_ID", ""),
-                     help="KFP run (and task) id: the same id gives the same TFJob, which a "
+                     help="KFP run (and task) id: the same id gives the same job, which a "
                      "restarted launcher re-attaches to (default $KFP_RUN_ID)")
     job.add_argument("--kubeconfig", help="default: in a pod its service account, else "
                      "$KUBECONFIG or ~/.kube/config")
@@ -74,12 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="pods' service account, e.g. one bound to a GCP service account with "
                      "Workload Identity")
     job.add_argument("--gcs-secret", default="",
-                     help=f"secret with a GCP key as {tfjob.GCS_KEY_FILE}, mounted at "
-                     f"{tfjob.GCS_KEY_DIR} (GOOGLE_APPLICATION_CREDENTIALS)")
+                     help=f"secret with a GCP key as {options.GCS_KEY_FILE}, mounted at "
+                     f"{options.GCS_KEY_DIR} (GOOGLE_APPLICATION_CREDENTIALS)")
     job.add_argument("--pvc", default="", metavar="CLAIM:PATH",
                      help="mount a shared PersistentVolumeClaim in every pod")
     job.add_argument("--accelerator", default="", metavar="TYPE",
-                     help=f"GKE GPU node pool: nodeSelector {tfjob.GKE_ACCELERATOR_LABEL}=TYPE")
+                     help=f"GKE GPU node pool: nodeSelector {options.GKE_ACCELERATOR_LABEL}=TYPE")
     job.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE",
                      help="node label the pods require (repeatable)")
     job.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE][:EFFECT]",
@@ -91,35 +108,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--shm-size", default="2Gi", help="/dev/shm size (default %(default)s)")
     job.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                      help="extra environment variable for the pods (repeatable)")
-    job.add_argument("--restart-policy", choices=tfjob.RESTART_POLICIES, default="ExitCode",
-                     help="ExitCode (default): restart on signals/preemption (exit 128+), fail "
-                     "on errors (exit 1-127)")
-    job.add_argument("--clean-pod-policy", choices=tfjob.CLEAN_POD_POLICIES, default="Running",
-                     help="pods deleted when the job ends (default Running: finished pods stay "
-                     "for their logs)")
-    job.add_argument("--backoff-limit", type=int, default=5,
-                     help="restarts before the job fails (default %(default)s)")
-    job.add_argument("--ttl-seconds-after-finished", type=int, default=86_400,
-                     help="delete the finished TFJob after this long (default one day)")
-    job.add_argument("--start-timeout", type=float, default=cluster.DEFAULT_START_TIMEOUT,
+    job.add_argument("--start-timeout", type=float, default=lifecycle.DEFAULT_START_TIMEOUT,
                      metavar="SECONDS",
-                     help="delete the TFJob and fail when no replica has run for this long "
+                     help="delete the job and fail when no replica has run for this long "
                      "(pods unschedulable or never created, images not pulled, crash loops; "
                      "the reasons are printed as they change); 0: wait for ever (default "
                      "%(default)g)")
-    job.add_argument("--poll-interval", type=float, default=cluster.DEFAULT_POLL_INTERVAL,
-                     metavar="SECONDS", help="how often to check the TFJob (default %(default)s)")
-    job.add_argument("--log-tail", type=int, default=cluster.DEFAULT_LOG_TAIL, metavar="LINES",
+    job.add_argument("--poll-interval", type=float, default=lifecycle.DEFAULT_POLL_INTERVAL,
+                     metavar="SECONDS", help="how often to check the job (default %(default)s)")
+    job.add_argument("--log-tail", type=int, default=lifecycle.DEFAULT_LOG_TAIL,
+                     metavar="LINES",
                      help="log lines shown of each failed replica (default %(default)s)")
-    parser.add_argument("train_args", nargs="*", metavar="-- TRAIN_FLAGS",
-                        help="flags of 'resnet-imagenet train'")
 
 
-def tfjob_options(args: argparse.Namespace, options=tfjob.TFJobOptions) -> tfjob.TFJobOptions:
-    """The TFJob (or, with ``options=TrainJobOptions``, TrainJob) options the flags describe
-    (validated when the manifest is built)."""
-    return options(
-        name=args.name or tfjob.job_name(args.run_id),
+def _add_tfjob_arguments(job) -> None:
+    job.add_argument("--restart-policy", choices=tfjob.RESTART_POLICIES,
+                     default=tfjob.TFJobOptions.restart_policy,
+                     help="ExitCode (default): restart on signals/preemption (exit 128+), fail "
+                     "on errors (exit 1-127)")
+    job.add_argument("--clean-pod-policy", choices=tfjob.CLEAN_POD_POLICIES,
+                     default=tfjob.TFJobOptions.clean_pod_policy,
+                     help="pods deleted when the job ends (default Running: finished pods stay "
+                     "for their logs)")
+    job.add_argument("--backoff-limit", type=int, default=tfjob.TFJobOptions.backoff_limit,
+                     help="restarts before the job fails (default %(default)s)")
+    job.add_argument("--ttl-seconds-after-finished", type=int,
+                     default=tfjob.TFJobOptions.ttl_seconds_after_finished,
+                     help="delete the finished TFJob after this long (default one day)")
+
+
+def _common_options(args: argparse.Namespace) -> dict:
+    """The :class:`~resnet_imagenet.launch.options.ClusterOptions` fields the flags give."""
+    return dict(
+        name=args.name or options.job_name(args.run_id),
         train_args=list(args.train_args),
         namespace=args.namespace,
         image=args.image,
@@ -130,19 +151,33 @@ def tfjob_options(args: argparse.Namespace, options=tfjob.TFJobOptions) -> tfjob
         memory=args.memory,
         shm_size=args.shm_size,
         accelerator=args.accelerator,
-        node_selector=tfjob.parse_key_values(args.node_selector, "--node-selector"),
-        tolerations=[tfjob.parse_toleration(t) for t in args.toleration],
+        node_selector=options.parse_key_values(args.node_selector, "--node-selector"),
+        tolerations=[options.parse_toleration(t) for t in args.toleration],
         service_account=args.service_account,
         gcs_secret=args.gcs_secret,
         pvc=args.pvc,
-        env=tfjob.parse_key_values(args.env, "--env"),
-        restart_policy=args.restart_policy,
-        clean_pod_policy=args.clean_pod_policy,
-        backoff_limit=args.backoff_limit,
-        ttl_seconds_after_finished=args.ttl_seconds_after_finished,
+        env=options.parse_key_values(args.env, "--env"),
         active_deadline_seconds=math.ceil(args.timeout) if args.timeout else None,
         run_id=args.run_id,
     )
+
+
+def cluster_options(args: argparse.Namespace) -> options.ClusterOptions:
+    """The options of ``args.backend`` (tfjob or trainjob) the flags describe (validated when
+    the manifest is built); UserError for a tfjob flag that a TrainJob's runtime decides."""
+    if args.backend == "trainjob":
+        for attribute in RUNTIME_OWNED:
+            value = getattr(args, attribute)
+            if value != getattr(tfjob.TFJobOptions, attribute):
+                flag = "--" + attribute.replace("_", "-")
+                raise UserError(
+                    f"{flag} {value}: with --backend trainjob the TrainingRuntime decides this "
+                    f"for every TrainJob; leave the flag out, or edit the runtime in "
+                    "manifests/components/trainer-v2"
+                )
+        return trainjob.TrainJobOptions(**_common_options(args))
+    run_policy = {attribute: getattr(args, attribute) for attribute in RUNTIME_OWNED}
+    return tfjob.TFJobOptions(**_common_options(args), **run_policy)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,20 +188,12 @@ def run(args: argparse.Namespace) -> int:
     if args.start_timeout < 0:
         raise UserError(f"--start-timeout {args.start_timeout:g}: must be 0 (wait for ever) or "
                         "more")
-    if args.backend == "trainjob":
-        opts = tfjob_options(args, trainjob.TrainJobOptions)
-        if args.dry_run:
-            sys.stdout.write(trainjob.trainjob_yaml(opts))
-            return 0
-        return cluster.launch_trainjob(
-            opts, kubeconfig=args.kubeconfig, context=args.context, timeout=args.timeout,
-            poll_interval=args.poll_interval, log_tail=args.log_tail,
-            start_timeout=args.start_timeout)
-    opts = tfjob_options(args)
+    backend = CLUSTER_BACKENDS[args.backend]
+    opts = cluster_options(args)
     if args.dry_run:
-        sys.stdout.write(tfjob.tfjob_yaml(opts))
+        sys.stdout.write(backend.manifest_yaml(opts))
         return 0
-    return cluster.launch_tfjob(
-        opts, kubeconfig=args.kubeconfig, context=args.context, timeout=args.timeout,
+    return lifecycle.launch(
+        backend, opts, kubeconfig=args.kubeconfig, context=args.context, timeout=args.timeout,
         poll_interval=args.poll_interval, log_tail=args.log_tail,
         start_timeout=args.start_timeout)

@@ -1,13 +1,5 @@
-"""What both launch backends share: exit statuses, checks of their counts and train flags, signals
-that end a launch cleanly, log output.
-
-A cancelled KFP run reaches the launcher as SIGTERM; Ctrl-C on a terminal as SIGINT. Python's
-default turns only SIGINT into an exception, and SIGTERM kills the process on the spot, which is
-how the old launcher left TFJobs running after a cancelled run. :func:`terminate_on_signals` turns
-both into :class:`Terminated`, raised in the main thread wherever it is blocked (a sleep, an HTTP
-read), so the backend's ``except``/``finally`` code deletes the TFJob or stops the worker
-processes before the launcher exits.
-"""
+"""What every launch backend shares: exit statuses, checks of their counts and train flags, signals
+that end a launch cleanly (:func:`terminate_on_signals`), prefixed log output."""
 
 from __future__ import annotations
 

@@ -1,11 +1,9 @@
 """Would the cluster take this job as is? The CRD's schema, strictly, and the webhook's rules.
 
 Checked before anything is submitted, so a bad manifest is a one-line error on the launcher's
-side instead of a TFJob that the API server silently changes. The API server *prunes* fields its
-structural schema does not know: that is how the old launcher's ``spec.backoffLimit`` and
-``spec.activeDeadlineSeconds`` (they belong under ``spec.runPolicy``) vanished without a word.
-Here every object in the schema that lists its properties refuses any other key
-(``additionalProperties: false``), unless the CRD itself preserves unknown fields there.
+side instead of a job that the API server silently prunes (docs/launching.md). Every object in
+the schema that lists its properties refuses any other key (``additionalProperties: false``),
+unless the CRD itself preserves unknown fields there.
 
 The TFJob schema is the one training-operator v1.9.0 installs (``kubeflow.org_tfjobs.yaml``),
 shipped with the package; the webhook rules are those of its ``validator.tfjob.training-operator``:

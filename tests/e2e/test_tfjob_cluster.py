@@ -30,12 +30,14 @@ import uuid
 import pytest
 
 from resnet_imagenet import cli
-from resnet_imagenet.launch import cluster, tfjob
+from resnet_imagenet.launch import lifecycle, tfjob
+from resnet_imagenet.launch.lifecycle.client import connect
+from resnet_imagenet.launch.options import DEFAULT_IMAGE
 from tests.unit.test_manifests import kubectl
 
 pytestmark = pytest.mark.e2e
 
-IMAGE = os.environ.get("RESNET_E2E_IMAGE", tfjob.DEFAULT_IMAGE)
+IMAGE = os.environ.get("RESNET_E2E_IMAGE", DEFAULT_IMAGE)
 CLAIM = "resnet-e2e-data"
 TINY_TRAINING = ["--resnet-size", "18", "--image-size", "32", "--batch-size", "8",
                  "--checkpoint-every", "2"]
@@ -43,7 +45,7 @@ TINY_TRAINING = ["--resnet-size", "18", "--image-size", "32", "--batch-size", "8
 
 @pytest.fixture(scope="module")
 def api():
-    client, _ = cluster.connect()
+    client, _ = connect()
     return client
 
 
@@ -115,8 +117,8 @@ def tfjobs(api, namespace: str) -> list[dict]:
 def test_two_workers_train_and_a_second_launch_reattaches(api, namespace, data):
     opts = options(namespace, "resnet-e2e-train", train_steps=4)
     output = io.StringIO()
-    status = cluster.launch_tfjob(opts, api_client=api, timeout=1200, poll_interval=5,
-                                output=output)
+    status = lifecycle.launch(tfjob.BACKEND, opts, api_client=api, timeout=1200,
+                              poll_interval=5, output=output)
     assert status == 0, output.getvalue()[-3000:]
     assert "[worker-0] " in output.getvalue()  # the chief's log came through
     (job,) = tfjobs(api, namespace)
@@ -124,7 +126,8 @@ def test_two_workers_train_and_a_second_launch_reattaches(api, namespace, data):
                for c in job["status"]["conditions"])
 
     # The same run again (a restarted launcher): the finished TFJob is found, not recreated.
-    assert cluster.launch_tfjob(opts, api_client=api, timeout=60, poll_interval=5) == 0
+    assert lifecycle.launch(tfjob.BACKEND, opts, api_client=api, timeout=60,
+                            poll_interval=5) == 0
     assert [j["metadata"]["uid"] for j in tfjobs(api, namespace)] == [job["metadata"]["uid"]]
 
 
@@ -132,7 +135,8 @@ def test_timeout_deletes_the_tfjob_and_its_pods(api, namespace, data):
     from kubernetes import client
 
     opts = options(namespace, "resnet-e2e-timeout", train_steps=1_000_000)
-    assert cluster.launch_tfjob(opts, api_client=api, timeout=60, poll_interval=5) == 124
+    assert lifecycle.launch(tfjob.BACKEND, opts, api_client=api, timeout=60,
+                            poll_interval=5) == 124
     selector = f"{tfjob.JOB_NAME_LABEL}={opts.name}"
     core = client.CoreV1Api(api)
     wait_for(lambda: not any(j["metadata"]["name"] == opts.name for j in tfjobs(api, namespace))

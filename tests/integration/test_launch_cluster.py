@@ -9,8 +9,6 @@ is built from the environment and hostnames read off the real pods."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
@@ -18,44 +16,21 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from kubernetes import client
 
 from resnet_imagenet import cli
 from resnet_imagenet.errors import UserError
-from resnet_imagenet.launch import cluster, local, tfjob, trainjob
+from resnet_imagenet.launch import lifecycle, local, options, trainjob
+from resnet_imagenet.launch.lifecycle.submit import submit
 from resnet_imagenet.training import strategy
-from tests.support.backends import (BACKENDS, TRAINJOB, apply, core, finish, pods_of,
+from tests.support.backends import (TRAINJOB, apply, can_i, core, finish, gone, launching,
                                     render_overlay, running_pods, wait_until)
 from tests.support.cluster import GPU_ACCELERATOR, GPU_POOL, NODEPOOL_LABEL
 
 POLL = 0.1
 TRAIN = ["--data-dir", "gs://bucket/tfrecords", "--model-dir", "gs://bucket/model"]
-
-
-@pytest.fixture(params=BACKENDS, ids=str)
-def backend(request, control_plane, kube_namespace):
-    """The backend, with what it needs in the test's namespace (Trainer v2: its runtimes)."""
-    request.param.prepare(control_plane, kube_namespace)
-    return request.param
-
-
-@contextlib.contextmanager
-def launching(backend, api_client, opts, **kwargs):
-    """The launcher in a thread, as in its pod; the test plays the kubelet's outcomes."""
-    output = io.StringIO()
-    kwargs.setdefault("timeout", 90)  # a failing test ends instead of waiting forever
-    with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(backend.launch, opts, api_client=api_client, poll_interval=POLL,
-                             output=output, **kwargs)
-        yield future, output
-
-
-def gone(plane, backend, namespace: str, name: str) -> bool:
-    return backend.get(plane.admin(), namespace, name) is None and not pods_of(
-        plane, backend, namespace, name)
 
 
 def assert_kept(sent, kept, path: str) -> None:
@@ -94,8 +69,8 @@ def test_every_job_the_launcher_makes_is_accepted_by_the_real_api_server(
         control_plane, kube_namespace, backend, overrides):
     body = backend.build(backend.options(kube_namespace, **overrides))
     accepted = client.CustomObjectsApi(control_plane.admin()).create_namespaced_custom_object(
-        backend.kind.group, backend.kind.version, kube_namespace, backend.kind.plural, body,
-        dry_run="All", field_validation="Strict")
+        backend.cluster.group, backend.cluster.version, kube_namespace, backend.cluster.plural,
+        body, dry_run="All", field_validation="Strict")
     # Nothing pruned or changed: every field the launcher sent is kept as sent (the server only
     # adds its defaults, and Trainer the time it admitted each runtime patch).
     assert_kept(body["spec"], accepted["spec"], "spec")
@@ -110,10 +85,10 @@ def test_a_field_the_clusters_crd_does_not_know_is_refused_not_dropped(
     body = backend.build(backend.options(kube_namespace))
     body["spec"]["fromTheFuture"] = {"enabled": True}
     with pytest.raises(UserError) as refused:
-        cluster.JobRun(control_plane.admin(), backend.kind, body, poll_interval=POLL).submit()
+        submit(lifecycle.JobRun(control_plane.admin(), backend.cluster, body, poll_interval=POLL))
     text = str(refused.value)
     assert "\n" not in text
-    assert text.startswith(f"the API server refused {backend.kind.kind} "
+    assert text.startswith(f"the API server refused {backend.cluster.kind} "
                            f"{kube_namespace}/resnet-test: ")
     assert 'unknown field "spec.fromTheFuture"' in text
     assert text.endswith(f"the cluster's CRD is older: upgrade it, or use the other --backend")
@@ -127,8 +102,8 @@ def test_a_trainjob_without_its_runtime_is_refused_in_one_line(control_plane, ku
     client.CustomObjectsApi(control_plane.admin()).delete_namespaced_custom_object(
         trainjob.GROUP, trainjob.VERSION, kube_namespace, "trainingruntimes", trainjob.RUNTIME)
     with pytest.raises(UserError) as refused:
-        cluster.launch_trainjob(TRAINJOB.options(kube_namespace),
-                                api_client=control_plane.admin(), poll_interval=POLL, timeout=30)
+        TRAINJOB.launch(TRAINJOB.options(kube_namespace), api_client=control_plane.admin(),
+                        poll_interval=POLL, timeout=30)
     text = str(refused.value)
     assert "\n" not in text
     assert text.startswith(f"the API server refused TrainJob {kube_namespace}/resnet-test: ")
@@ -208,7 +183,7 @@ def test_trainjob_evaluator_runs_next_to_the_workers_on_the_gpu_pool(
         finish(control_plane, kube_namespace, workers)
         time.sleep(1)
         job = TRAINJOB.get(control_plane.admin(), kube_namespace, "resnet-test")
-        assert not cluster._condition(job, "Complete")  # the evaluator is still at work
+        assert not TRAINJOB.cluster.finished(job)  # the evaluator is still at work
         finish(control_plane, kube_namespace, [evaluator])
         assert result.result(timeout=90) == 0
 
@@ -244,9 +219,9 @@ def test_success_exits_0_with_the_chiefs_log(control_plane, kube_namespace, back
 
     assert output.getvalue().splitlines() == [f"[{backend.chief}] step 100 loss 6.91",
                                               f"[{backend.chief}] step 200 loss 6.80"]
-    assert f"{backend.kind.kind} {kube_namespace}/resnet-test succeeded" in caplog.text
+    assert f"{backend.cluster.kind} {kube_namespace}/resnet-test succeeded" in caplog.text
     job = backend.get(control_plane.admin(), kube_namespace, "resnet-test")
-    assert cluster._condition(job, backend.kind.succeeded)  # left to its TTL, not deleted
+    assert backend.cluster.succeeded(job)  # left to its TTL, not deleted
 
 
 def test_a_failed_worker_fails_the_launch_naming_pod_and_reason(
@@ -266,7 +241,7 @@ def test_a_failed_worker_fails_the_launch_naming_pod_and_reason(
         f"[{replica}] step 1", f"[{replica}] ValueError: no shards match gs://bucket/tfrecords"]
     last = [r for r in caplog.records if r.name.startswith("resnet_imagenet")][-1].getMessage()
     assert other.metadata.name in last and "exited with code 1 (Error)" in last, last
-    assert last.startswith(f"{backend.kind.kind} {kube_namespace}/resnet-test failed: "
+    assert last.startswith(f"{backend.cluster.kind} {kube_namespace}/resnet-test failed: "
                            f"{replica} (pod {other.metadata.name})"), last
 
 
@@ -277,7 +252,7 @@ def test_timeout_deletes_the_job_and_its_pods(control_plane, kube_namespace, bac
         running_pods(control_plane, backend, kube_namespace, "resnet-test", 2)
         # After its --timeout the launcher waits up to DEFAULT_DELETE_WAIT for the job to be
         # gone; a TrainJob's foreground chain (JobSet, Jobs, pods) can take most of it here.
-        assert result.result(timeout=4 + cluster.DEFAULT_DELETE_WAIT + 30) == 124
+        assert result.result(timeout=4 + lifecycle.DEFAULT_DELETE_WAIT + 30) == 124
     wait_until(lambda: gone(control_plane, backend, kube_namespace, "resnet-test"),
                what="the job and its pods gone")
     assert "did not finish within --timeout 4s; deleting it" in caplog.text
@@ -296,7 +271,7 @@ def test_sigterm_deletes_the_job_before_the_launcher_exits(
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(control_plane.kubeconfig.read_text().replace(
         "namespace: default", f"namespace: {kube_namespace}"))
-    name = tfjob.job_name("run-42/task-7")
+    name = options.job_name("run-42/task-7")
     launcher = launcher_process(str(kubeconfig), "--backend", backend.name, "--run-id",
                                 "run-42/task-7", "--workers", "2", "--timeout", "120")
     try:
@@ -307,10 +282,10 @@ def test_sigterm_deletes_the_job_before_the_launcher_exits(
     finally:
         launcher.kill()
     assert launcher.returncode == 143, stderr
-    assert f"SIGTERM received; deleting {backend.kind.kind} {kube_namespace}/{name}" in stderr
+    assert f"SIGTERM received; deleting {backend.cluster.kind} {kube_namespace}/{name}" in stderr
     wait_until(lambda: gone(control_plane, backend, kube_namespace, name),
                what="the job and its pods gone")
-    assert job["metadata"]["annotations"][tfjob.RUN_ID_ANNOTATION] == "run-42/task-7"
+    assert job["metadata"]["annotations"][options.RUN_ID_ANNOTATION] == "run-42/task-7"
     deadline = (job["spec"]["runPolicy"]["activeDeadlineSeconds"] if backend.name == "tfjob"
                 else job["spec"]["activeDeadlineSeconds"])
     assert deadline == 120
@@ -325,14 +300,14 @@ def owner_pod(plane, namespace: str, name: str) -> client.V1Pod:
 
 def test_a_restarted_launcher_reattaches_to_its_job(
         control_plane, kube_namespace, backend, monkeypatch):
-    name = tfjob.job_name("run-7")
+    name = options.job_name("run-7")
     first, second = (owner_pod(control_plane, kube_namespace, n) for n in ("step-1", "step-2"))
     opts = backend.options(kube_namespace, name=name, run_id="run-7")
     # What a launcher killed outright leaves behind: its job, owned by its pod, running.
     earlier = backend.build(opts)
     earlier["metadata"]["ownerReferences"] = [
         {"apiVersion": "v1", "kind": "Pod", "name": "step-1", "uid": first.metadata.uid}]
-    created = cluster.JobRun(control_plane.admin(), backend.kind, earlier).submit()
+    created = submit(lifecycle.JobRun(control_plane.admin(), backend.cluster, earlier))
     running_pods(control_plane, backend, kube_namespace, name, 2)
 
     monkeypatch.setenv("POD_NAMESPACE", kube_namespace)
@@ -352,15 +327,15 @@ def test_a_restarted_launcher_reattaches_to_its_job(
 
 def test_a_job_of_the_same_name_with_another_spec_is_refused_and_left_alone(
         control_plane, kube_namespace, backend):
-    cluster.JobRun(control_plane.admin(), backend.kind,
-                   backend.build(backend.options(kube_namespace, workers=3))).submit()
+    submit(lifecycle.JobRun(control_plane.admin(), backend.cluster,
+                            backend.build(backend.options(kube_namespace, workers=3))))
     with pytest.raises(UserError, match="already exists with a different spec"):
         backend.launch(backend.options(kube_namespace, workers=2),
                        api_client=control_plane.admin(), poll_interval=POLL)
     job = backend.get(control_plane.admin(), kube_namespace, "resnet-test")
     three = backend.build(backend.options(kube_namespace, workers=3))
-    assert job["metadata"]["annotations"][tfjob.SPEC_HASH_ANNOTATION] == \
-        three["metadata"]["annotations"][tfjob.SPEC_HASH_ANNOTATION]
+    assert job["metadata"]["annotations"][options.SPEC_HASH_ANNOTATION] == \
+        three["metadata"]["annotations"][options.SPEC_HASH_ANNOTATION]
 
 
 def test_garbage_collector_deletes_the_job_when_the_launchers_pod_goes(
@@ -376,18 +351,11 @@ def test_garbage_collector_deletes_the_job_when_the_launchers_pod_goes(
         wait_until(lambda: gone(control_plane, backend, kube_namespace, "resnet-test"),
                    what="garbage collection of the job and its pods")
         assert result.result(timeout=90) == 1  # it was still following it
-    assert f"{backend.kind.kind} {kube_namespace}/resnet-test was deleted before it finished" \
+    assert f"{backend.cluster.kind} {kube_namespace}/resnet-test was deleted before it finished" \
         in caplog.text
 
 
 # --- RBAC -------------------------------------------------------------------------------------
-
-
-def can_i(plane, namespace: str, *args: str) -> str:
-    done = plane.kubectl("auth", "can-i",
-                         f"--as=system:serviceaccount:{namespace}:resnet-imagenet", *args,
-                         check=False)
-    return done.stdout.strip()
 
 
 def test_the_service_account_can_run_a_trainjob_and_no_more(

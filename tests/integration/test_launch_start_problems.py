@@ -13,12 +13,8 @@ from kubernetes import client
 
 from resnet_imagenet.launch import cli as launch_cli
 from resnet_imagenet.launch import tfjob
-from tests.integration.test_launch_cluster import backend  # noqa: F401  (the fixture)
-from tests.integration.test_launch_cluster import gone
-from tests.integration.test_launch_cluster import launching as backend_launching
-from tests.integration.test_tfjob_control_plane import (apply_overlay, can_i, custom, get_tfjob,
-                                                        launching, options, tfjob_gone)
-from tests.support.backends import TFJOB, finish, running_pods, wait_until
+from tests.support.backends import (TFJOB, apply_overlay, can_i, custom, finish, gone, launching,
+                                    running_pods, wait_until)
 
 
 def launcher_lines(caplog) -> list[str]:
@@ -30,10 +26,10 @@ def test_an_unschedulable_job_says_why_once_then_gives_up_and_deletes_it(
     caplog.set_level(logging.INFO)
     opts = backend.options(kube_namespace, workers=2, gpus_per_worker=1,
                            accelerator="nvidia-tesla-v100")
-    with backend_launching(backend, control_plane.admin(), opts, start_timeout=4) as (result, _):
+    with launching(backend, control_plane.admin(), opts, start_timeout=4) as (result, _):
         status = result.result(timeout=90)
     assert status == 1
-    what = f"{backend.kind.kind} {kube_namespace}/resnet-test"
+    what = f"{backend.cluster.kind} {kube_namespace}/resnet-test"
     lines = launcher_lines(caplog)
     why = [r.getMessage() for r in caplog.records
            if r.levelno == logging.WARNING and "cannot be scheduled" in r.getMessage()]
@@ -55,8 +51,8 @@ def test_an_unschedulable_job_says_why_once_then_gives_up_and_deletes_it(
 def test_a_missing_service_account_is_reported_from_the_operators_events(
         control_plane, kube_namespace, caplog):
     caplog.set_level(logging.INFO)
-    opts = options(kube_namespace, service_account="ghost")
-    with launching(control_plane.admin(), opts, start_timeout=4) as (result, _):
+    opts = TFJOB.options(kube_namespace, service_account="ghost")
+    with launching(TFJOB, control_plane.admin(), opts, start_timeout=4) as (result, _):
         assert result.result(timeout=90) == 1
     lines = launcher_lines(caplog)
     why = [r.getMessage() for r in caplog.records
@@ -67,7 +63,7 @@ def test_a_missing_service_account_is_reported_from_the_operators_events(
     assert why[0].startswith(f"TFJob {kube_namespace}/resnet-test: its pods cannot be created: "
                              "FailedCreatePod: ")
     assert 'serviceaccount "ghost" not found' in lines[-1]
-    assert tfjob_gone(control_plane, kube_namespace, "resnet-test")
+    assert TFJOB.get(control_plane.admin(), kube_namespace, "resnet-test") is None
 
 
 def test_start_timeout_0_waits_for_ever_and_a_running_replica_ends_the_start_wait(
@@ -76,7 +72,8 @@ def test_start_timeout_0_waits_for_ever_and_a_running_replica_ends_the_start_wai
     the job alive past it, and 0 switches it off."""
     caplog.set_level(logging.INFO)
     began = time.monotonic()
-    with launching(control_plane.admin(), options(kube_namespace), start_timeout=8) as (result, _):
+    with launching(TFJOB, control_plane.admin(), TFJOB.options(kube_namespace),
+                   start_timeout=8) as (result, _):
         pods = running_pods(control_plane, TFJOB, kube_namespace, "resnet-test", 2, timeout=30.0)
         time.sleep(max(0.0, began + 9 - time.monotonic()))  # past it, with replicas running
         assert not result.done(), result.result()
@@ -104,7 +101,7 @@ class _CheckOnDeleted(logging.Handler):
         self.existed_when_deleted_was_logged: list[bool] = []
 
     def emit(self, record):
-        if record.getMessage().startswith(f"deleted {self.backend.kind.kind} "):
+        if record.getMessage().startswith(f"deleted {self.backend.cluster.kind} "):
             self.existed_when_deleted_was_logged.append(self.backend.get(
                 self.plane.admin(), self.namespace, self.name) is not None)
 
@@ -114,11 +111,11 @@ class _CheckOnDeleted(logging.Handler):
 @pytest.mark.parametrize("backend", [TFJOB], indirect=True, ids=str)
 def test_deleted_is_logged_once_the_job_is_gone(control_plane, kube_namespace, backend, caplog):
     caplog.set_level(logging.INFO)
-    what = f"{backend.kind.kind} {kube_namespace}/resnet-test"
+    what = f"{backend.cluster.kind} {kube_namespace}/resnet-test"
     check = _CheckOnDeleted(control_plane, backend, kube_namespace, "resnet-test")
     logging.getLogger("resnet_imagenet").addHandler(check)
     try:
-        with backend_launching(backend, control_plane.admin(), backend.options(kube_namespace),
+        with launching(backend, control_plane.admin(), backend.options(kube_namespace),
                                timeout=4) as (result, _):
             running_pods(control_plane, backend, kube_namespace, "resnet-test", 2)
             assert result.result(timeout=60) == 124
@@ -133,9 +130,10 @@ def test_deleted_is_logged_once_the_job_is_gone(control_plane, kube_namespace, b
 def test_a_tfjob_that_outlives_the_delete_wait_is_reported_and_the_status_kept(
         control_plane, kube_namespace, caplog):
     caplog.set_level(logging.INFO)
-    with launching(control_plane.admin(), options(kube_namespace), timeout=3,
+    with launching(TFJOB, control_plane.admin(), TFJOB.options(kube_namespace), timeout=3,
                    delete_wait=2) as (result, _):
-        wait_until(lambda: get_tfjob(control_plane, kube_namespace, "resnet-test"), timeout=30.0)
+        wait_until(lambda: TFJOB.get(control_plane.admin(), kube_namespace, "resnet-test"),
+                   timeout=30.0)
         # Something else holds the TFJob (a finalizer nobody removes).
         custom(control_plane).patch_namespaced_custom_object(
             tfjob.GROUP, tfjob.VERSION, kube_namespace, tfjob.PLURAL, "resnet-test",

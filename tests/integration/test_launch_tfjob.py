@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from resnet_imagenet import cli
-from resnet_imagenet.launch import cluster, tfjob
+from resnet_imagenet.launch import lifecycle, tfjob
 from resnet_imagenet.launch.local import free_ports
 from tests.support.kube import kube  # noqa: F401  (the fixture)
 
@@ -39,8 +39,9 @@ def launching(kube, opts, **kwargs):
     output = io.StringIO()
     kwargs.setdefault("timeout", 30)  # a failing test ends instead of waiting forever
     with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(cluster.launch_tfjob, opts, api_client=kube.api_client(),
-                             poll_interval=POLL, output=output, **kwargs)
+        future = pool.submit(lifecycle.launch, tfjob.BACKEND, opts,
+                             api_client=kube.api_client(), poll_interval=POLL, output=output,
+                             **kwargs)
         yield future, output
 
 

@@ -6,12 +6,9 @@ collector, RBAC decided by the real authorizer."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -20,51 +17,16 @@ from kubernetes import client
 
 from resnet_imagenet import cli
 from resnet_imagenet.errors import UserError
-from resnet_imagenet.launch import cluster, local, tfjob
+from resnet_imagenet.launch import lifecycle, local, tfjob
+from resnet_imagenet.launch.lifecycle.submit import submit
 from resnet_imagenet.training import strategy
-from tests.support.backends import TFJOB, core, finish, running_pods, wait_until
+from tests.support.backends import (TFJOB, apply_overlay, can_i, core, custom, finish,
+                                    launching, running_pods, wait_until)
 from tests.support.cluster import (ACCELERATOR_LABEL, CPU_POOL, GPU_ACCELERATOR, GPU_POOL,
                                    NODEPOOL_LABEL, REPO)
 
 TRAIN = ["--data-dir", "gs://bucket/tfrecords", "--model-dir", "gs://bucket/model"]
 POLL = 0.1
-OVERLAY_NAMESPACE = "kubeflow-user-example-com"  # what the overlays set; replaced per test
-
-
-def options(namespace: str, **overrides) -> tfjob.TFJobOptions:
-    values = {"name": "resnet-test", "namespace": namespace, "train_args": TRAIN, "workers": 2,
-              "cpu": "1", "memory": "1Gi"}
-    values.update(overrides)
-    return tfjob.TFJobOptions(**values)
-
-
-@contextlib.contextmanager
-def launching(api_client, opts, **kwargs):
-    """The launcher in a thread, as in its pod; the test plays the kubelet's outcomes."""
-    output = io.StringIO()
-    kwargs.setdefault("timeout", 60)  # a failing test ends instead of waiting forever
-    with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(cluster.launch_tfjob, opts, api_client=api_client,
-                             poll_interval=POLL, output=output, **kwargs)
-        yield future, output
-
-
-def custom(plane) -> client.CustomObjectsApi:
-    return client.CustomObjectsApi(plane.admin())
-
-
-def get_tfjob(plane, namespace: str, name: str) -> dict | None:
-    try:
-        return custom(plane).get_namespaced_custom_object(
-            tfjob.GROUP, tfjob.VERSION, namespace, tfjob.PLURAL, name)
-    except client.ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-
-
-def tfjob_gone(plane, namespace: str, name: str) -> bool:
-    return get_tfjob(plane, namespace, name) is None
 
 
 # --- what the API server accepts --------------------------------------------------------------
@@ -88,24 +50,24 @@ def test_the_manifests_examples_are_accepted(control_plane, kube_namespace):
 ], ids=["crd-schema", "webhook"])
 def test_a_malformed_tfjob_is_refused_with_the_servers_message_in_one_line(
         control_plane, kube_namespace, break_it, message):
-    body = tfjob.build_tfjob(options(kube_namespace))
+    body = tfjob.build_tfjob(TFJOB.options(kube_namespace))
     break_it(body)
-    run = cluster.JobRun(control_plane.admin(), cluster.TFJOB, body, poll_interval=POLL)
+    run = lifecycle.JobRun(control_plane.admin(), tfjob.BACKEND, body, poll_interval=POLL)
     with pytest.raises(UserError) as refused:
-        run.submit()
+        submit(run)
     text = str(refused.value)
     assert "\n" not in text
     assert text.startswith(f"the API server refused TFJob {kube_namespace}/resnet-test: ")
     assert message in text
-    assert tfjob_gone(control_plane, kube_namespace, "resnet-test")
+    assert TFJOB.get(control_plane.admin(), kube_namespace, "resnet-test") is None
 
 
 # --- the launcher's life cycle --------------------------------------------------------------------
 
 
 def test_four_workers_get_the_tf_config_the_local_backend_writes(control_plane, kube_namespace):
-    opts = options(kube_namespace, workers=4)
-    with launching(control_plane.admin(), opts) as (result, _):
+    opts = TFJOB.options(kube_namespace, workers=4)
+    with launching(TFJOB, control_plane.admin(), opts) as (result, _):
         pods = running_pods(control_plane, TFJOB, kube_namespace, "resnet-test", 4, timeout=30.0)
         services = core(control_plane).list_namespaced_service(
             kube_namespace, label_selector=f"{tfjob.JOB_NAME_LABEL}=resnet-test").items
@@ -133,27 +95,6 @@ def test_four_workers_get_the_tf_config_the_local_backend_writes(control_plane, 
 # --- RBAC, manifests ------------------------------------------------------------------------
 
 
-def apply_overlay(plane, overlay: str, namespace: str) -> list[dict]:
-    """``kubectl apply --server-side`` of an overlay, rendered by kubectl's kustomize, into
-    ``namespace`` instead of the overlay's placeholder namespace."""
-    rendered = plane.kubectl("kustomize", str(REPO / "manifests" / "overlays" / overlay)).stdout
-    objects = [o for o in yaml.safe_load_all(rendered) if o]
-    for obj in objects:
-        if obj["metadata"].get("namespace") == OVERLAY_NAMESPACE:
-            obj["metadata"]["namespace"] = namespace
-        for subject in obj.get("subjects") or []:
-            if subject.get("namespace") == OVERLAY_NAMESPACE:
-                subject["namespace"] = namespace
-    plane.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(objects))
-    return objects
-
-
-def can_i(plane, namespace: str, *args: str) -> str:
-    done = plane.kubectl("auth", "can-i", f"--as=system:serviceaccount:{namespace}:resnet-imagenet",
-                         *args, check=False)
-    return done.stdout.strip()
-
-
 @pytest.mark.parametrize("overlay", ["gke-gpu", "generic"])
 def test_overlay_rbac_is_enough_for_the_launcher_and_no_more(
         control_plane, kube_namespace, overlay, tmp_path, caplog):
@@ -163,7 +104,7 @@ def test_overlay_rbac_is_enough_for_the_launcher_and_no_more(
 
     # End to end as the ServiceAccount itself (its token, not admin).
     as_sa = control_plane.api_client(kubeconfig)
-    with launching(as_sa, options(kube_namespace)) as (result, output):
+    with launching(TFJOB, as_sa, TFJOB.options(kube_namespace)) as (result, output):
         chief, other = running_pods(control_plane, TFJOB, kube_namespace, "resnet-test", 2,
                                     timeout=30.0)
         control_plane.pod_log(kube_namespace, chief.metadata.name, ["step 1"])

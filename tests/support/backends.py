@@ -1,6 +1,7 @@
 """The two cluster backends as the control-plane contract tests see them: one object per backend
 with what differs (the options class, the resource, how to find its pods, the container, what
-the chief's log lines are prefixed with), so that one test serves both.
+the chief's log lines are prefixed with), so that one test serves both; and the helpers the
+control-plane tests share (the launcher in a thread, pods, RBAC questions, overlays).
 
 ``tfjob``: training-operator v1.9 makes pods ``<job>-worker-<i>`` (container ``tensorflow``).
 ``trainjob``: Trainer v2 makes a JobSet of the same name, JobSet an Indexed Job
@@ -12,16 +13,18 @@ test's namespace by :meth:`Backend.prepare`).
 from __future__ import annotations
 
 import contextlib
+import io
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import yaml
 from kubernetes import client
 
-from resnet_imagenet.launch import cluster, tfjob, trainjob
+from resnet_imagenet.launch import lifecycle, tfjob, trainjob
+from resnet_imagenet.launch.backend import ClusterBackend
 
 OVERLAY = "gke-gpu"
 OVERLAY_NAMESPACE = "kubeflow-user-example-com"  # what the overlays set; replaced per test
@@ -29,17 +32,24 @@ OVERLAY_NAMESPACE = "kubeflow-user-example-com"  # what the overlays set; replac
 
 @dataclass(frozen=True)
 class Backend:
-    name: str
-    kind: cluster.JobKind
+    cluster: ClusterBackend  # the library's backend
     options_class: type
-    build: Callable[[object], dict]
-    launch: Callable[..., int]
     pod_selector: str  # "{job}"-formatted: the job's worker pods
     container: str
     chief: str  # the chief's log prefix
 
+    @property
+    def name(self) -> str:
+        return self.cluster.name
+
     def __str__(self) -> str:
         return self.name
+
+    def build(self, opts) -> dict:
+        return self.cluster.manifest(opts)
+
+    def launch(self, opts, **kwargs) -> int:
+        return lifecycle.launch(self.cluster, opts, **kwargs)
 
     def options(self, namespace: str, **overrides):
         values = {"name": "resnet-test", "namespace": namespace,
@@ -54,14 +64,11 @@ class Backend:
 
     def replica(self, pod) -> str:
         """``worker-1`` / ``node-1``: how the launcher names the pod's replica."""
-        return self.kind.replica_name(pod)
+        return self.cluster.replica_name(pod)
 
     def get(self, api_client, namespace: str, name: str) -> dict | None:
-        from kubernetes import client
-
         try:
-            return client.CustomObjectsApi(api_client).get_namespaced_custom_object(
-                self.kind.group, self.kind.version, namespace, self.kind.plural, name)
+            return self.cluster.get(client.CustomObjectsApi(api_client), namespace, name)
         except client.ApiException as exc:
             if exc.status == 404:
                 return None
@@ -120,13 +127,19 @@ def apply(plane, objects: list[dict]) -> None:
     plane.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(objects))
 
 
+def apply_overlay(plane, overlay: str, namespace: str) -> list[dict]:
+    """``kubectl apply --server-side`` of an overlay, rendered by kubectl's kustomize, into
+    ``namespace`` instead of the overlay's placeholder namespace; the objects applied."""
+    objects = render_overlay(plane, namespace, overlay)
+    apply(plane, objects)
+    return objects
+
+
 TFJOB = Backend(
-    name="tfjob", kind=cluster.TFJOB, options_class=tfjob.TFJobOptions, build=tfjob.build_tfjob,
-    launch=cluster.launch_tfjob, pod_selector=f"{tfjob.JOB_NAME_LABEL}={{job}}",
-    container=tfjob.CONTAINER, chief="worker-0")
+    cluster=tfjob.BACKEND, options_class=tfjob.TFJobOptions,
+    pod_selector=f"{tfjob.JOB_NAME_LABEL}={{job}}", container=tfjob.CONTAINER, chief="worker-0")
 TRAINJOB = Backend(
-    name="trainjob", kind=cluster.TRAINJOB, options_class=trainjob.TrainJobOptions,
-    build=trainjob.build_trainjob, launch=cluster.launch_trainjob,
+    cluster=trainjob.BACKEND, options_class=trainjob.TrainJobOptions,
     pod_selector=(f"{trainjob.JOBSET_NAME_LABEL}={{job}},"
                   f"{trainjob.REPLICATED_JOB_LABEL}={trainjob.NODE}"),
     container=trainjob.NODE, chief="node-0")
@@ -174,3 +187,33 @@ def finish(plane, namespace: str, pods: list, exit_code: int = 0, reason: str = 
         except client.ApiException as exc:
             if exc.status != 404:  # already cleaned up by the operator
                 raise
+
+
+@contextlib.contextmanager
+def launching(backend: Backend, api_client, opts, poll_interval: float = 0.1, **kwargs):
+    """The launcher in a thread, as in its pod; the test plays the kubelet's outcomes. Yields
+    the launch's future and the StringIO its chief's log goes to."""
+    output = io.StringIO()
+    kwargs.setdefault("timeout", 90)  # a failing test ends instead of waiting forever
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(backend.launch, opts, api_client=api_client,
+                             poll_interval=poll_interval, output=output, **kwargs)
+        yield future, output
+
+
+def gone(plane, backend: Backend, namespace: str, name: str) -> bool:
+    """The job and its pods are gone."""
+    return backend.get(plane.admin(), namespace, name) is None and not pods_of(
+        plane, backend, namespace, name)
+
+
+def custom(plane) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(plane.admin())
+
+
+def can_i(plane, namespace: str, *args: str) -> str:
+    """``kubectl auth can-i ARGS`` as the overlays' ServiceAccount of ``namespace``: yes/no."""
+    done = plane.kubectl("auth", "can-i",
+                         f"--as=system:serviceaccount:{namespace}:resnet-imagenet", *args,
+                         check=False)
+    return done.stdout.strip()

@@ -124,10 +124,10 @@ def test_uri_schemes_and_empty_uris():
 def test_one_toleration_format_becomes_the_launchers_flag(toleration, flag):
     assert pipeline_params.toleration_flag("train_gpu_tolerations", toleration) == flag
     # ... and the launcher's parser turns the flag back into the same toleration.
-    from resnet_imagenet.launch import tfjob
+    from resnet_imagenet.launch import options
 
     expected = {"operator": "Equal" if "value" in toleration else "Exists", **toleration}
-    assert tfjob.parse_toleration(flag) == expected
+    assert options.parse_toleration(flag) == expected
 
 
 @pytest.mark.parametrize("toleration, expected", [
@@ -201,12 +201,12 @@ def test_launch_argv_is_accepted_by_launch(backend):
     from resnet_imagenet.launch import cli as launch_cli, tfjob, trainjob
 
     if backend == "tfjob":
-        job = tfjob.build_tfjob(launch_cli.tfjob_options(args))
+        job = tfjob.build_tfjob(launch_cli.cluster_options(args))
         worker = job["spec"]["tfReplicaSpecs"]["Worker"]
         replicas, pod = worker["replicas"], worker["template"]["spec"]
         limits = pod["containers"][0]["resources"]["limits"]
     else:
-        job = trainjob.build_trainjob(launch_cli.tfjob_options(args, trainjob.TrainJobOptions))
+        job = trainjob.build_trainjob(launch_cli.cluster_options(args))
         replicas, limits = (job["spec"]["trainer"]["numNodes"],
                             job["spec"]["trainer"]["resourcesPerNode"]["limits"])
         (patch,) = job["spec"]["runtimePatches"]

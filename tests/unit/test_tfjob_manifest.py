@@ -9,7 +9,8 @@ import yaml
 
 from resnet_imagenet import cli
 from resnet_imagenet.errors import UserError
-from resnet_imagenet.launch import cluster, schema, tfjob
+from resnet_imagenet.launch import options, schema, tfjob
+from resnet_imagenet.launch.lifecycle.submit import launcher_pod_owner
 
 TRAIN = ["--data-dir", "gs://bucket/tfrecords", "--model-dir", "gs://bucket/model",
          "--batch-size", "256"]
@@ -98,7 +99,7 @@ def test_webhook_rules_of_training_operator(change, error):
 
 def test_gpus_node_pool_and_evaluator():
     job = build(gpus_per_worker=2, evaluator=True, accelerator="nvidia-tesla-v100",
-                tolerations=[tfjob.parse_toleration("dedicated=ml:NoSchedule")])
+                tolerations=[options.parse_toleration("dedicated=ml:NoSchedule")])
     assert schema.schema_errors(job) == []
     worker, evaluator = pod(job), pod(job, "Evaluator")
     assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
@@ -142,28 +143,29 @@ def test_a_shared_volume_makes_local_paths_valid():
 
 def test_spec_hash_annotation_follows_the_spec_only():
     job = build(run_id="run-1")
-    digest = job["metadata"]["annotations"][tfjob.SPEC_HASH_ANNOTATION]
-    assert digest == tfjob.spec_hash(job["spec"])
-    assert tfjob.spec_hash(job["spec"]) == tfjob.spec_hash(
+    digest = job["metadata"]["annotations"][options.SPEC_HASH_ANNOTATION]
+    assert digest == options.spec_hash(job["spec"])
+    assert options.spec_hash(job["spec"]) == options.spec_hash(
         yaml.safe_load(yaml.safe_dump(job["spec"], sort_keys=True)))  # key order does not matter
-    assert build(run_id="run-2")["metadata"]["annotations"][tfjob.SPEC_HASH_ANNOTATION] == \
-        job["metadata"]["annotations"][tfjob.SPEC_HASH_ANNOTATION]
-    assert tfjob.spec_hash(build(workers=8)["spec"]) != tfjob.spec_hash(job["spec"])
+    assert build(run_id="run-2")["metadata"]["annotations"][options.SPEC_HASH_ANNOTATION] == \
+        job["metadata"]["annotations"][options.SPEC_HASH_ANNOTATION]
+    assert options.spec_hash(build(workers=8)["spec"]) != options.spec_hash(job["spec"])
 
 
 def test_job_names_from_run_ids():
-    name = tfjob.job_name("8f2c1e0a-run/train-task")
-    assert name == tfjob.job_name("8f2c1e0a-run/train-task")  # a restarted launcher finds it
-    assert name != tfjob.job_name("another-run")
-    assert tfjob.job_name() != tfjob.job_name()  # no run id: a fresh name every time
+    name = options.job_name("8f2c1e0a-run/train-task")
+    assert name == options.job_name("8f2c1e0a-run/train-task")  # a restarted launcher finds it
+    assert name != options.job_name("another-run")
+    assert options.job_name() != options.job_name()  # no run id: a fresh name every time
     assert schema.dns1035_problem(name) is None and len(name) <= 63 - len("-evaluator-0")
 
 
 def test_name_length_leaves_room_for_the_operators_service_names():
     suffixes = tfjob.TFJobOptions(name="x", train_args=TRAIN, workers=16).replica_suffixes()
-    tfjob.validate_job_name("a" * (63 - len("-worker-15")), suffixes)
+    names = tfjob.TFJobOptions.NAMES
+    options.validate_job_name("a" * (63 - len("-worker-15")), suffixes, names)
     with pytest.raises(UserError, match="'a{54}-worker-15', which must fit in 63"):
-        tfjob.validate_job_name("a" * 54, suffixes)
+        options.validate_job_name("a" * 54, suffixes, names)
 
 
 @pytest.mark.parametrize("image, problem", [
@@ -174,7 +176,7 @@ def test_name_length_leaves_room_for_the_operators_service_names():
     ("", "is empty"),
 ])
 def test_images_must_be_pinned(image, problem):
-    found = tfjob.image_problem(image)
+    found = options.image_problem(image)
     assert (found is None) if problem is None else (problem in found)
 
 
@@ -185,12 +187,12 @@ def test_images_must_be_pinned(image, problem):
     ("spot:PreferNoSchedule", {"key": "spot", "operator": "Exists", "effect": "PreferNoSchedule"}),
 ])
 def test_tolerations_in_kubectl_taint_syntax(spec, toleration):
-    assert tfjob.parse_toleration(spec) == toleration
+    assert options.parse_toleration(spec) == toleration
 
 
 def test_yaml_is_the_manifest():
     opts = tfjob.TFJobOptions(name="resnet50", train_args=TRAIN, evaluator=True, namespace="ml")
-    assert yaml.safe_load(tfjob.tfjob_yaml(opts)) == tfjob.build_tfjob(opts)
+    assert yaml.safe_load(tfjob.BACKEND.manifest_yaml(opts)) == tfjob.build_tfjob(opts)
 
 
 def test_dry_run_prints_the_manifest_for_kubectl(capsys, monkeypatch):
@@ -200,9 +202,9 @@ def test_dry_run_prints_the_manifest_for_kubectl(capsys, monkeypatch):
     assert cli.main(argv) == 0
     job = yaml.safe_load(capsys.readouterr().out)
     assert schema.schema_errors(job) == []
-    assert job["metadata"]["name"] == tfjob.job_name("run-99")
+    assert job["metadata"]["name"] == options.job_name("run-99")
     assert job["metadata"]["namespace"] == "ml"
-    assert job["metadata"]["annotations"][tfjob.RUN_ID_ANNOTATION] == "run-99"
+    assert job["metadata"]["annotations"][options.RUN_ID_ANNOTATION] == "run-99"
     assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 7201
     assert cli.main(argv) == 0 and yaml.safe_load(capsys.readouterr().out) == job  # idempotent
 
@@ -210,11 +212,11 @@ def test_dry_run_prints_the_manifest_for_kubectl(capsys, monkeypatch):
 def test_owner_reference_to_the_launcher_pod(monkeypatch, caplog):
     for key in ("POD_NAME", "POD_UID", "KFP_POD_NAME", "KFP_POD_UID", "POD_NAMESPACE"):
         monkeypatch.delenv(key, raising=False)
-    assert cluster.launcher_pod_owner("ml") is None  # not in a pod
+    assert launcher_pod_owner("ml") is None  # not in a pod
     monkeypatch.setenv("KFP_POD_NAME", "run-abc-train-123")
     monkeypatch.setenv("KFP_POD_UID", "0b7e-uid")
     monkeypatch.setenv("POD_NAMESPACE", "ml")
-    assert cluster.launcher_pod_owner("ml") == {
+    assert launcher_pod_owner("ml") == {
         "apiVersion": "v1", "kind": "Pod", "name": "run-abc-train-123", "uid": "0b7e-uid"}
-    assert cluster.launcher_pod_owner("other") is None  # owners cannot cross namespaces
+    assert launcher_pod_owner("other") is None  # owners cannot cross namespaces
     assert "no ownerReference" in caplog.text

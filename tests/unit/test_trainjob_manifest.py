@@ -12,7 +12,7 @@ from kubernetes import client
 
 from resnet_imagenet import cli
 from resnet_imagenet.errors import UserError
-from resnet_imagenet.launch import cluster, schema, tfjob, trainjob
+from resnet_imagenet.launch import options, schema, trainjob
 from resnet_imagenet.training import strategy
 
 TRAIN = ["--data-dir", "gs://bucket/tfrecords", "--model-dir", "gs://bucket/model",
@@ -43,7 +43,7 @@ def test_default_manifest_references_the_runtime_and_fills_the_trainer():
     trainer = job["spec"]["trainer"]
     assert trainer["command"] + trainer["args"] == ["resnet-imagenet", "train", *TRAIN]
     assert trainer["numNodes"] == 4
-    assert trainer["image"] == tfjob.DEFAULT_IMAGE
+    assert trainer["image"] == options.DEFAULT_IMAGE
     assert trainer["resourcesPerNode"] == {"requests": {"cpu": "4", "memory": "16Gi"},
                                            "limits": {"memory": "16Gi"}}
     # The one thing the pods cannot read off themselves, for TF_CONFIG.
@@ -98,11 +98,6 @@ def test_evaluator_picks_the_runtime_with_the_evaluator_job_and_gives_it_the_dir
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"restart_policy": "OnFailure"}, "--restart-policy OnFailure: with --backend trainjob the "
-                                      "TrainingRuntime decides"),
-    ({"backoff_limit": 2}, "--backoff-limit 2"),
-    ({"clean_pod_policy": "All"}, "--clean-pod-policy All"),
-    ({"ttl_seconds_after_finished": 60}, "--ttl-seconds-after-finished 60"),
     ({"evaluator": True}, "--evaluator with --backend trainjob runs on one GPU"),
     ({"name": "r" * 54, "workers": 16}, f"--name '{'r' * 54}' is too long: JobSet names a pod "
                                         f"(its hostname) '{'r' * 54}-node-0-15'"),
@@ -131,7 +126,7 @@ def test_webhook_rules_catch_what_the_schema_cannot():
 
 def test_spec_hash_follows_the_spec():
     one, same, other = build(), build(), build(workers=2)
-    key = tfjob.SPEC_HASH_ANNOTATION
+    key = options.SPEC_HASH_ANNOTATION
     assert one["metadata"]["annotations"][key] == same["metadata"]["annotations"][key]
     assert one["metadata"]["annotations"][key] != other["metadata"]["annotations"][key]
 
@@ -145,23 +140,32 @@ def test_dry_run_prints_the_trainjob(capsys, monkeypatch):
     job = yaml.safe_load(capsys.readouterr().out)
     assert schema.schema_errors(job, schema.TRAINJOB_CRD_FILE) == []
     assert job["kind"] == "TrainJob"
-    assert job["metadata"]["name"] == tfjob.job_name("run-99")
+    assert job["metadata"]["name"] == options.job_name("run-99")
     assert job["metadata"]["namespace"] == "ml"
     assert job["spec"]["activeDeadlineSeconds"] == 7201
     assert job["spec"]["trainer"]["numNodes"] == 2
 
 
-def test_dry_run_refuses_a_runtime_owned_flag(capsys):
-    argv = ["launch", "--backend", "trainjob", "--dry-run", "--backoff-limit", "1", "--", *TRAIN]
+@pytest.mark.parametrize("flags, message", [
+    (["--restart-policy", "OnFailure"], "--restart-policy OnFailure: with --backend trainjob the "
+                                        "TrainingRuntime decides"),
+    (["--backoff-limit", "1"], "--backoff-limit 1: with --backend trainjob"),
+    (["--clean-pod-policy", "All"], "--clean-pod-policy All: with --backend trainjob"),
+    (["--ttl-seconds-after-finished", "60"], "--ttl-seconds-after-finished 60: with --backend"),
+])
+def test_dry_run_refuses_a_runtime_owned_flag(capsys, flags, message):
+    argv = ["launch", "--backend", "trainjob", "--dry-run", *flags, "--", *TRAIN]
     assert cli.main(argv) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("error: --backoff-limit 1: with --backend trainjob")
+    assert line.startswith("error: " + message)
+    # The same flags are the TFJob's to take.
+    assert cli.main(["launch", "--dry-run", *flags, "--", *TRAIN]) == 0
 
 
 def test_trainjob_replicas_are_named_by_replicated_job_and_completion_index():
     labels = {trainjob.REPLICATED_JOB_LABEL: "node", trainjob.COMPLETION_INDEX_LABEL: "3"}
     pod = client.V1Pod(metadata=client.V1ObjectMeta(name="r-node-0-3-x7k2p", labels=labels))
-    assert cluster.TRAINJOB.replica_name(pod) == "node-3"
-    assert cluster.TRAINJOB.pod_selector("r") == "jobset.sigs.k8s.io/jobset-name=r"
-    assert cluster.TRAINJOB.progress({"jobsStatus": [
+    assert trainjob.BACKEND.replica_name(pod) == "node-3"
+    assert trainjob.BACKEND.pod_selector("r") == "jobset.sigs.k8s.io/jobset-name=r"
+    assert trainjob.BACKEND.progress({"jobsStatus": [
         {"name": "node", "active": 2, "ready": 1}]}) == "node active=2 ready=1 succeeded=0 failed=0"

@@ -1,0 +1,126 @@
+"""One job on the API server, as the lifecycle follows it: :class:`JobRun`, its settings, its
+API calls (each with the verb and resource its 403 message names), its deletion."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from resnet_imagenet.errors import UserError
+from resnet_imagenet.launch.backend import ClusterBackend
+from resnet_imagenet.launch.lifecycle.client import api_errors, log, server_message
+from resnet_imagenet.launch.runtime import PrefixedOutput
+
+DEFAULT_POLL_INTERVAL = 15.0
+DEFAULT_LOG_TAIL = 50
+# How long a job may have no replica running (pods unschedulable, never created, images not
+# pulled, crash-looping) before the launcher deletes it and fails: --start-timeout; 0 = for ever.
+DEFAULT_START_TIMEOUT = 1800.0
+# How long "deleting" waits for the job to be gone (Foreground: its pods terminate first).
+DEFAULT_DELETE_WAIT = 120.0
+
+
+class Timeout(Exception):
+    """The launch's --timeout has passed."""
+
+
+class JobRun:
+    """One job of ``backend``, ``body`` its manifest (with its namespace), from submission (or
+    re-attachment) to its end or its deletion.
+
+    :func:`~resnet_imagenet.launch.lifecycle.submit.submit` creates it or re-attaches to it,
+    :func:`~resnet_imagenet.launch.lifecycle.wait.wait` follows it, :meth:`delete` removes it.
+    """
+
+    def __init__(self, api_client, backend: ClusterBackend, body: dict, *,
+                 poll_interval: float = DEFAULT_POLL_INTERVAL, log_tail: int = DEFAULT_LOG_TAIL,
+                 output: PrefixedOutput | None = None,
+                 request_timeout: tuple[float, float] = (10.0, 60.0),
+                 start_timeout: float | None = DEFAULT_START_TIMEOUT,
+                 delete_wait: float = DEFAULT_DELETE_WAIT):
+        self.backend = backend
+        self.body = body
+        self.name = body["metadata"]["name"]
+        self.namespace = body["metadata"]["namespace"]
+        self.what = f"{backend.kind} {self.namespace}/{self.name}"  # "TFJob team-a/resnet-..."
+        self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+        self.host = api_client.configuration.host
+        self.poll_interval = poll_interval
+        self.log_tail = log_tail
+        self.output = output or PrefixedOutput()
+        self.request_timeout = request_timeout
+        self.start_timeout = start_timeout or None  # 0: wait for ever
+        self.delete_wait = delete_wait
+        self.created: dt.datetime | None = None  # the job's creation: older events are not its
+        # Whether a SIGTERM or timeout must delete the job: "no" until a create request is sent
+        # (then "maybe", as its outcome is unknown until the server answers) or until the job
+        # is known to be ours (created by us, or by an earlier launcher of the same run).
+        self.ours = "no"
+
+    def api(self, verb: str, resource: str | None = None):
+        """:func:`~resnet_imagenet.launch.lifecycle.client.api_errors` for ``verb`` on
+        ``resource`` (default: the job's resource) in the job's namespace."""
+        return api_errors(verb, resource or self.backend.resource, self.namespace, self.host,
+                          self.backend.rbac_hint)
+
+    def get(self) -> dict | None:
+        """The job as the API server has it now, or None when there is none."""
+        with self.api("get"):
+            try:
+                return self.backend.get(self.custom, self.namespace, self.name,
+                                        _request_timeout=self.request_timeout)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
+
+    def pause(self, deadline: float | None) -> None:
+        """Sleep one poll interval, or until ``deadline`` (monotonic); Timeout once it passed."""
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise Timeout()
+        time.sleep(self.poll_interval if remaining is None else
+                   min(self.poll_interval, remaining))
+
+    def delete(self, wait: float | None = None) -> bool:
+        """Delete the job if it is (or may be) ours, its pods first (Foreground), and wait (up
+        to ``wait``, default the delete wait) until it is gone. True when it is gone (or was
+        never ours)."""
+        wait = self.delete_wait if wait is None else wait
+        if self.ours == "no":
+            return True
+        try:
+            with self.api("delete"):
+                self.backend.delete(self.custom, self.namespace, self.name,
+                                    _request_timeout=self.request_timeout)
+            log.info("deleting %s (propagationPolicy=Foreground: its pods go first)", self.what)
+        except ApiException as exc:
+            if exc.status == 404:
+                return True
+            log.error("could not delete %s (%s): delete it with kubectl -n %s delete "
+                      "%s %s", self.what, server_message(exc), self.namespace,
+                      self.backend.short, self.name)
+            return False
+        except UserError as exc:
+            log.error("could not delete %s: %s", self.what, exc)
+            return False
+        give_up = time.monotonic() + wait
+        while True:
+            try:
+                gone = self.get() is None
+            except (UserError, ApiException) as exc:
+                log.error("could not check that %s is gone: %s", self.what, server_message(exc))
+                return False
+            if gone:
+                log.info("deleted %s", self.what)
+                return True
+            if time.monotonic() >= give_up:
+                log.error("%s is still there %gs after its deletion (pods still terminating, or "
+                          "a finalizer holds it): see kubectl -n %s get %s %s -o yaml", self.what,
+                          wait, self.namespace, self.backend.short, self.name)
+                return False
+            time.sleep(min(self.poll_interval, 1.0, max(give_up - time.monotonic(), 0.01)))

@@ -1,0 +1,91 @@
+"""The launch of one cluster job: :func:`launch` submits it (or re-attaches), follows it to its
+end, and deletes it on a timeout, a start that never comes, or a signal."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import IO
+
+from resnet_imagenet.launch.backend import ClusterBackend
+from resnet_imagenet.launch.lifecycle.client import connect, log
+from resnet_imagenet.launch.lifecycle.job import (DEFAULT_DELETE_WAIT, DEFAULT_LOG_TAIL,
+                                                  DEFAULT_POLL_INTERVAL, DEFAULT_START_TIMEOUT,
+                                                  JobRun, Timeout)
+from resnet_imagenet.launch.lifecycle.logs import report_failure
+from resnet_imagenet.launch.lifecycle.submit import launcher_pod_owner, submit
+from resnet_imagenet.launch.lifecycle.wait import LostTrack, NoStart, wait
+from resnet_imagenet.launch.options import ClusterOptions
+from resnet_imagenet.launch.runtime import (FAILED, TIMED_OUT, PrefixedOutput, Terminated,
+                                            check_counts, terminate_on_signals)
+
+# After a signal the delete waits less, to exit within the pod's grace period (30 s by default)
+# before a SIGKILL.
+SIGNAL_DELETE_WAIT = 20.0
+
+
+def launch(backend: ClusterBackend, opts: ClusterOptions, *, api_client=None,
+           kubeconfig: str | None = None, context: str | None = None,
+           timeout: float | None = None, poll_interval: float = DEFAULT_POLL_INTERVAL,
+           log_tail: int = DEFAULT_LOG_TAIL, output: IO[str] | None = None,
+           start_timeout: float | None = DEFAULT_START_TIMEOUT,
+           delete_wait: float = DEFAULT_DELETE_WAIT) -> int:
+    """Submit the job ``backend.manifest(opts)`` (or re-attach to it), follow it to its end; the
+    exit status.
+
+    0 when it succeeds; 1 when it fails (its failed replicas' last log lines are logged) or when
+    no replica has run for ``start_timeout`` seconds (None or 0: no limit; the reasons are logged
+    as they change while it waits, and the job is deleted); 124 when ``timeout`` seconds pass
+    and 128+N on signal N (SIGTERM: 143), both after deleting the job. "Deleted" is logged once
+    the job is gone; when it is still there ``delete_wait`` seconds after the delete, that is
+    logged instead and the status stays the same. Bad input raises UserError before any request
+    reaches the API server. ``api_client`` (a ``kubernetes.client.ApiClient``) overrides
+    kubeconfig/in-cluster configuration; ``opts`` are the backend's options (``namespace`` None:
+    the configuration's). The chief's log goes to ``output`` (default stderr) as
+    ``[worker-0] ...``.
+    """
+    check_counts(opts.workers, opts.gpus_per_worker, timeout)
+    opts.validate()  # bad input fails here, before any configuration is read
+    namespace_default = "default"
+    if api_client is None:
+        api_client, namespace_default = connect(kubeconfig, context)
+    opts = dataclasses.replace(opts, namespace=opts.namespace or namespace_default)
+    body = backend.manifest(opts)
+    owner = launcher_pod_owner(opts.namespace)
+    if owner:
+        body["metadata"]["ownerReferences"] = [owner]
+    run = JobRun(api_client, backend, body, poll_interval=poll_interval, log_tail=log_tail,
+                 output=PrefixedOutput(output), start_timeout=start_timeout,
+                 delete_wait=delete_wait)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with terminate_on_signals():
+        try:
+            submit(run, deadline)
+            job = wait(run, deadline)
+        except Timeout:
+            log.error("%s did not finish within --timeout %gs; deleting it", run.what, timeout)
+            run.delete()
+            return TIMED_OUT
+        except NoStart as exc:
+            log.error("%s: no replica ran within --start-timeout %gs; deleting it", run.what,
+                      start_timeout)
+            gone = run.delete()
+            log.error("%s did not start within --start-timeout %gs%s: %s", run.what,
+                      start_timeout, ", deleted" if gone else "", exc)
+            return FAILED
+        except LostTrack as exc:
+            log.error("%s", exc)
+            run.delete()
+            return FAILED
+        except Terminated as signal:
+            log.error("%s received; deleting %s", signal, run.what)
+            run.delete(min(delete_wait, SIGNAL_DELETE_WAIT))
+            return signal.status
+        except BaseException:
+            run.delete()
+            raise
+    if backend.succeeded(job):
+        log.info("%s succeeded", run.what)
+        return 0
+    report_failure(run, job)
+    return FAILED
