@@ -2,7 +2,7 @@
 
 Each component body imports the library inside the function (KFP ships only the function's
 source to the pod) and makes one call into it: a ``resnet-imagenet`` subcommand through
-:func:`resnet_imagenet.pipeline_params.run`, or a Python API function. Everything a step
+:func:`pipelines.params.run`, or a Python API function. Everything a step
 decides is therefore reachable by the library's tests; the components only map KFP inputs and
 artifacts to arguments.
 

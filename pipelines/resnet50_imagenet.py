@@ -63,7 +63,7 @@ from components.images import TRAINER_IMAGE
 from components.report import training_report
 from components.train import train
 from components.validate import validate_parameters
-from resnet_imagenet import pipeline_params
+from pipelines import params as pipeline_params
 from resnet_imagenet.errors import UserError
 
 PIPELINE_NAME = "resnet50-imagenet"

@@ -10,7 +10,8 @@ import re
 
 import pytest
 
-from resnet_imagenet import artifacts, report
+from pipelines import artifacts
+from resnet_imagenet import report
 from resnet_imagenet.data import inventory
 from resnet_imagenet.errors import UserError
 
