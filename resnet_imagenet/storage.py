@@ -536,7 +536,8 @@ def copy(src: str, dst: str, overwrite: bool = True) -> None:
     if not overwrite and exists(dst):
         raise FileExistsError(errno.EEXIST, "File exists", dst)
     if is_remote(src) and is_remote(dst):
-        return _publish(_blob_meta(src), dst, overwrite)
+        _publish(_blob_meta(src), dst, overwrite)
+        return
     with atomic_write(dst, "wb", overwrite) as writer:
         if not is_remote(src):
             with open(src, "rb") as reader:

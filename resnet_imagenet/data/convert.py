@@ -875,7 +875,7 @@ def _fresh_runs(raw_dir: str, scratch: str, workers: int, images: int) -> dict:
     figures = {"cold_start_s": _timed_convert(tiny, storage.join(scratch, "tiny-out"), workers,
                                               min(workers, COLD_IMAGES - 1))}
     if images <= FRESH_RUN_MAX_IMAGES:
-        figures["fresh_run_s"] = _timed_convert(raw_dir, storage.join(scratch, "fresh-out"), workers,
-                                                2 * workers)
+        figures["fresh_run_s"] = _timed_convert(raw_dir, storage.join(scratch, "fresh-out"),
+                                                workers, 2 * workers)
         figures["fresh_run_images"] = images
     return figures
