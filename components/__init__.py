@@ -1,10 +1,8 @@
 """KFP v2 lightweight Python components: one thin file per pipeline step.
 
-Each component body imports the library inside the function (KFP ships only the function's
-source to the pod) and makes one call into it: a ``resnet-imagenet`` subcommand through
-:func:`resnet_imagenet.pipeline_params.run`, or a Python API function. Everything a step
-decides is therefore reachable by the library's tests; the components only map KFP inputs and
-artifacts to arguments.
+Each component body imports inside the function (KFP ships only the function's source to the
+pod) and makes one call: a ``resnet-imagenet`` subcommand through :func:`pipelines.params.run`,
+or one Python function of the library or of ``pipelines/`` (docs/pipeline.md says why).
 
 Every step runs in the launcher image (CPU only, see :mod:`components.images`). No step asks for
 a GPU: the train step creates a TFJob, and the GPUs go to that TFJob's pods.

@@ -17,7 +17,7 @@ def convert_shards(
     seed: int,
 ):
     """Write this task's share of the shards (resumable: complete shards are kept)."""
-    from resnet_imagenet import pipeline_params
+    from pipelines import params as pipeline_params
 
     pipeline_params.run(pipeline_params.convert_argv(
         raw_uri=raw_uri, tfrecord_uri=tfrecord_uri, train_shards=train_shards,
@@ -29,7 +29,8 @@ def convert_shards(
 @step
 def finalize_dataset(tfrecord_uri: str, dataset: Output[Dataset]) -> str:
     """Check every task's shards, write manifest.json; returns the dataset URI."""
-    from resnet_imagenet import artifacts, pipeline_params
+    from pipelines import artifacts
+    from pipelines import params as pipeline_params
 
     pipeline_params.run(pipeline_params.finalize_argv(tfrecord_uri))
     dataset.metadata.update(artifacts.dataset(tfrecord_uri, dataset.path))

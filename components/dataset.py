@@ -18,7 +18,7 @@ def dataset_ready(tfrecord_uri: str) -> bool:
 @step
 def use_existing_dataset(tfrecord_uri: str, dataset: Output[Dataset]) -> str:
     """Record the existing dataset as this run's Dataset artifact; returns its URI."""
-    from resnet_imagenet import artifacts
+    from pipelines import artifacts
 
     dataset.metadata.update(artifacts.dataset(tfrecord_uri, dataset.path))
     return dataset.metadata["uri"]

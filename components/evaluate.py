@@ -16,7 +16,8 @@ def evaluate(
 
     Idempotent (KFP retries it): it reads the checkpoint and writes only its own outputs.
     """
-    from resnet_imagenet import artifacts, evaluation
+    from pipelines import artifacts
+    from resnet_imagenet import evaluation
 
     result = evaluation.evaluate(data_uri, model.metadata["uri"], output=evaluation_details.path)
     for name, value in artifacts.metrics(result).items():

@@ -18,7 +18,8 @@ def export_saved_model(
     that failed after publishing it) is kept, and any other existing version is refused unless
     ``overwrite``, which replaces it cleanly.
     """
-    from resnet_imagenet import artifacts, export
+    from pipelines import artifacts
+    from resnet_imagenet import export
 
     path = export.export(model.metadata["uri"], export_uri, overwrite=overwrite, reuse=True)
     saved_model.metadata.update(artifacts.saved_model(path, saved_model.path))

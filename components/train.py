@@ -35,7 +35,8 @@ def train(
 ):
     """Run ``resnet-imagenet launch`` until training ends; the Model artifact points at MODEL,
     the Metrics artifact holds the final training figures (loss, images/s, steps)."""
-    from resnet_imagenet import artifacts, pipeline_params
+    from pipelines import artifacts
+    from pipelines import params as pipeline_params
 
     pipeline_params.run(pipeline_params.launch_argv(
         backend=backend, workers=workers, gpus_per_worker=gpus_per_worker, evaluator=evaluator,

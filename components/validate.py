@@ -29,7 +29,8 @@ def validate_parameters(
     data_export_uri: str,
 ) -> List[int]:
     """Check the run's parameters; return the conversion task indices for the ParallelFor."""
-    from resnet_imagenet import pipeline_params, preflight
+    from pipelines import params as pipeline_params
+    from resnet_imagenet import preflight
 
     pipeline_params.validate(
         train_backend=train_backend, train_workers=train_workers,

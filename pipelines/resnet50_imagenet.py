@@ -1,4 +1,4 @@
-"""ResNet-50 on ImageNet as one KFP v2 pipeline.
+"""ResNet-50 on ImageNet as one KFP v2 pipeline (the why of its shape: docs/pipeline.md).
 
     validate-parameters
       -> dataset-ready?
@@ -10,42 +10,13 @@
                   -> training-report
 
 The defaults are the reference recipe: ResNet-50 at 224 px, 4 workers x 1 GPU, global batch
-256, 500k steps. Data never passes through KFP's artifact store: shards, checkpoints, logs and
-the SavedModel are written to the four ``data_*_uri`` parameters; the artifacts carry those
-URIs and small files (manifest, training config, metrics, the HTML report).
+256, 500k steps. Shards, checkpoints, logs and the SavedModel go to the four ``data_*_uri``
+parameters; the artifacts carry those URIs and small files. Parameter names carry their group
+as a prefix (``data_``, ``export_``, ``model_``, ``step_``, ``tfrecord_``, ``train_``).
 
-Parameter names: the KFP UI's run form lists parameters alphabetically as ``name - type``
-with no description, so each name carries its group as a prefix (``data_`` the four URIs,
-``export_``, ``model_``, ``step_`` the pipeline steps' pods, ``tfrecord_`` the conversion,
-``train_`` the training job) and says what it wants.
-
-Kubernetes settings (kfp-kubernetes): every step is CPU-only, with requests and limits, a pod
-deadline (``activeDeadlineSeconds``) that fits its work, and can be pinned to a node pool with
-``step_node_selector``/``step_tolerations``. The GPU node pool
-(``train_gpu_node_selector``/``train_gpu_tolerations``, Kubernetes tolerations in the same
-format as the steps'), the worker count and the GPUs per worker go into the TFJob/TrainJob
-that the train step creates. The train step gets its pod's name, namespace and UID from the
-downward API, so the launcher makes its pod the job's owner and Kubernetes deletes the job
-when the run's pods are deleted.
-
-Compile-time options (:class:`Options`, ``compile_pipeline.py`` flags): values that KFP only
-takes as constants -- the ParallelFor bound, the pod deadlines, the run's deadline and TTL, the
-Secret mounted into the steps -- and the KFP backend the YAML is for (see :data:`KFP_BACKENDS`).
-
-Retries: every step that reads or writes object storage after the parameters are checked is
-idempotent and retried with backoff (conversion resumes from complete shards, finalize and
-evaluation rewrite the same outputs, export keeps a version it already exported from the same
-checkpoint). The train step is not retried by KFP: the TFJob restarts failed workers itself,
-and a retried launcher after a timeout would train again; retrying the *run* in the KFP UI
-re-attaches to the job, whose name is derived from the run id. KFP's retry strategy retries
-*failures* only: a pod lost with its node (preemption) is an Argo *error* and ends the run;
-the UI's "Retry" then resumes it as above.
-
-Service account: kfp-kubernetes 2.17 cannot set one per task; the run's service account is
-chosen when the run is submitted (``kfp.Client().create_run_from_pipeline_package(...,
-service_account="resnet-imagenet")``, the ServiceAccount of ``manifests/base``); the RBAC there
-also binds KFP's default ``pipeline-runner``/``default-editor`` accounts.
-
+Compile-time options (:class:`Options`, ``compile_pipeline.py`` flags): the values KFP only
+takes as constants, and the KFP backend the YAML is for (see :data:`KFP_BACKENDS`). Submit runs
+with ``service_account="resnet-imagenet"`` (the ServiceAccount of ``manifests/base``).
 ``resnet-imagenet run-local`` runs this same function with ``kfp.local`` (backend ``local``).
 """
 
@@ -63,7 +34,7 @@ from components.images import TRAINER_IMAGE
 from components.report import training_report
 from components.train import train
 from components.validate import validate_parameters
-from resnet_imagenet import pipeline_params
+from pipelines import params as pipeline_params
 from resnet_imagenet.errors import UserError
 
 PIPELINE_NAME = "resnet50-imagenet"

@@ -9,6 +9,11 @@ and the KFP component of the step calls the same function the subcommand calls. 
 imported only when their command is used, so ``--help`` and the launcher stay fast and never
 import TensorFlow needlessly.
 
+Commands that live outside the library (``run-local``, the KFP side in ``pipelines/``) are
+registered in the entry-point group ``resnet_imagenet.commands`` (``name = "module"`` in
+pyproject.toml); their module also sets ``SUMMARY``, the line of ``--help``. A module that cannot
+be imported (an image without kfp or without ``pipelines/``) makes its command a one-line error.
+
 Bad input raises :class:`~resnet_imagenet.errors.UserError`; this module prints it as one line,
 ``error: ...``, and exits with status 2.
 """
@@ -16,7 +21,9 @@ Bad input raises :class:`~resnet_imagenet.errors.UserError`; this module prints 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
+import importlib.metadata
 import logging
 import os
 import sys
@@ -54,39 +61,87 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "resnet_imagenet.launch.cli",
         "run training as a Kubeflow TFJob, or as N local worker processes with TF_CONFIG",
     ),
-    "run-local": (
-        "resnet_imagenet.run_local",
-        "run the whole KFP pipeline on this machine (demo data -> convert -> train -> ... )",
-    ),
     "bench": (
         "resnet_imagenet.bench",
         "benchmarks: images/s or latency against a baseline in the same process",
     ),
 }
 
+# The entry-point group of the commands other packages of this distribution add (run-local).
+ENTRY_POINT_GROUP = "resnet_imagenet.commands"
+
+
+@functools.lru_cache(maxsize=1)
+def plugin_commands() -> dict[str, str]:
+    """name -> module of the commands registered in :data:`ENTRY_POINT_GROUP` (not imported)."""
+    found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    return {ep.name: ep.value for ep in sorted(found, key=lambda ep: ep.name)
+            if ep.name not in COMMANDS}
+
+
+def command_names() -> list[str]:
+    """Every command: the library's in pipeline order, then the registered ones."""
+    return [*COMMANDS, *plugin_commands()]
+
+
+def _import_plugin(name: str, module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(
+            f"the {name} command cannot be loaded here ({exc}; its module {module_name} is "
+            f"registered in the {ENTRY_POINT_GROUP} entry points): install a checkout of this "
+            "repository with 'pip install -e .', or use an image built with pipelines/ and "
+            "components/"
+        ) from None
+
+
+def _summary(name: str) -> str:
+    if name in COMMANDS:
+        return COMMANDS[name][1]
+    try:
+        module = _import_plugin(name, plugin_commands()[name])
+    except UserError:
+        return "(not available in this installation: 'resnet-imagenet " + name + "' says why)"
+    return getattr(module, "SUMMARY", "") or (module.__doc__ or "").strip().split("\n")[0]
+
+
+class _TopParser(argparse.ArgumentParser):
+    """The list of commands is made when help is shown: only then are plug-in modules imported
+    (for their SUMMARY)."""
+
+    def format_help(self) -> str:
+        lines = [f"  {name:<12} {_summary(name)}" for name in command_names()]
+        self.epilog = ("commands:\n" + "\n".join(lines)
+                       + "\n\n'resnet-imagenet COMMAND --help' describes each command's flags.")
+        return super().format_help()
+
 
 def _top_parser() -> argparse.ArgumentParser:
-    lines = [f"  {name:<12} {summary}" for name, (_, summary) in COMMANDS.items()]
-    parser = argparse.ArgumentParser(
+    parser = _TopParser(
         prog="resnet-imagenet",
         description="Train ResNet-50 on ImageNet: convert, train, evaluate, export, on one "
         "machine or on Kubernetes (Kubeflow Pipelines + TFJob).",
-        epilog="commands:\n" + "\n".join(lines)
-        + "\n\n'resnet-imagenet COMMAND --help' describes each command's flags.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="debug logging (also TensorFlow's own)"
     )
-    parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help="see below")
+    parser.add_argument("command", choices=command_names(), metavar="COMMAND", help="see below")
     return parser
 
 
 def command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
-    """The parser of one subcommand and the module that runs it."""
-    module_name, summary = COMMANDS[name]
-    module = importlib.import_module(module_name)
+    """The parser of one subcommand and the module that runs it.
+
+    Raises UserError when a registered command's module cannot be imported."""
+    if name in COMMANDS:
+        module_name, summary = COMMANDS[name]
+        module = importlib.import_module(module_name)
+    else:
+        module = _import_plugin(name, plugin_commands()[name])
+        summary = getattr(module, "SUMMARY", name)
     parser = argparse.ArgumentParser(
         prog=f"resnet-imagenet {name}",
         description=(module.__doc__ or summary).strip(),

@@ -67,13 +67,17 @@ class _Model:
 
 
 def _read(uri: str) -> bytes:
-    import tensorflow as tf
-
     try:
         return storage.read_bytes(uri)
-    except tf.errors.NotFoundError:
+    except FileNotFoundError:
         raise ValueError(f"{uri} not found") from None
-    except (tf.errors.OpError, UserError) as exc:
+    except (OSError, UserError) as exc:
+        raise ValueError(f"cannot read {uri}: {evaluation.error_line(exc)}") from None
+    except Exception as exc:
+        from google.api_core.exceptions import GoogleAPIError
+
+        if not isinstance(exc, GoogleAPIError):  # gs:// refused it (403, ...): this file's error
+            raise
         raise ValueError(f"cannot read {uri}: {evaluation.error_line(exc)}") from None
 
 

@@ -14,7 +14,8 @@ workload identity), so what passes here is what the steps are allowed to do:
 
 A failure is one :class:`~resnet_imagenet.errors.UserError` line naming the URI, the pipeline
 parameter and the missing permission. Local paths are not checked here (a local backend runs
-on the machine that has them). TF-free: google-cloud-storage through :mod:`resnet_imagenet.fs`.
+on the machine that has them). TF-free: google-cloud-storage, through
+:mod:`resnet_imagenet.storage`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 
-from resnet_imagenet import fs
+from resnet_imagenet import storage
 from resnet_imagenet.errors import UserError
 
 LIST, GET = "storage.objects.list", "storage.objects.get"
@@ -33,7 +34,7 @@ DATASET_MANIFEST = "manifest.json"
 
 def identity() -> str:
     """Who the requests run as, for messages: a service account's e-mail when it has one."""
-    credentials = getattr(fs.client(), "_credentials", None)
+    credentials = getattr(storage.client(), "_credentials", None)
     email = getattr(credentials, "service_account_email", None)
     if isinstance(email, str) and "@" in email:
         return email
@@ -62,9 +63,9 @@ def _requesting(uri: str, parameter: str, permission: str, action: str):
 
 def check_readable(uri: str, parameter: str) -> list[str]:
     """``uri`` (a gs:// prefix) lists and holds objects, and one of them reads; its names."""
-    uri = fs.normalize(uri)
+    uri = storage.normalize(uri)
     with _requesting(uri, parameter, LIST, "listing the prefix"):
-        names = fs.listdir(uri)
+        names = storage.listdir(uri)
     if not names:
         raise UserError(f"pipeline parameter {parameter}={uri} holds nothing: upload the data "
                         "there first, or correct the URI")
@@ -72,22 +73,24 @@ def check_readable(uri: str, parameter: str) -> list[str]:
     probe = next((n for n in ("ILSVRC2012_devkit_t12.tar.gz", "validation_labels.txt",
                               DATASET_MANIFEST) if n in files), None)
     if probe is None:  # any object under the prefix
-        probe = next(iter(fs.walk_files(uri)), None)
+        probe = next(iter(storage.walk_files(uri)), None)
         probe = probe[len(uri) + 1:] if probe else None
     if probe is not None:
         with _requesting(uri, parameter, GET, f"reading {probe}"):
-            fs.read_range(fs.join(uri, probe), 0, 1)
+            storage.read_range(storage.join(uri, probe), 0, 1)
     return names
 
 
 def check_writable(uri: str, parameter: str) -> None:
     """A probe object can be created under ``uri`` (a gs:// prefix) and deleted again."""
-    uri = fs.normalize(uri)
-    probe = fs.join(uri, f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}")
+    uri = storage.normalize(uri)
+    probe = storage.join(uri, f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}")
     with _requesting(uri, parameter, CREATE, "writing a probe object"):
-        fs.write_bytes(probe, b"")
+        # One upload, the request of that permission alone (a storage.write_bytes would also
+        # delete its temporary object).
+        storage.gcs_blob(probe).upload_from_string(b"")
     with _requesting(uri, parameter, DELETE, f"deleting the probe object {probe}"):
-        fs.remove(probe)
+        storage.remove(probe)
 
 
 def check_pipeline(*, raw: tuple[str, str], tfrecord: tuple[str, str],
@@ -102,10 +105,10 @@ def check_pipeline(*, raw: tuple[str, str], tfrecord: tuple[str, str],
     checked = []
     (raw_name, raw_uri), (tfrecord_name, tfrecord_uri) = raw, tfrecord
     finished = False
-    if tfrecord_uri and fs.is_remote(tfrecord_uri):
+    if tfrecord_uri and storage.is_remote(tfrecord_uri):
         with _requesting(tfrecord_uri, tfrecord_name, LIST, "listing the prefix"):
-            finished = DATASET_MANIFEST in fs.listdir(tfrecord_uri)
-    if raw_uri and fs.is_remote(raw_uri) and not finished:
+            finished = DATASET_MANIFEST in storage.listdir(tfrecord_uri)
+    if raw_uri and storage.is_remote(raw_uri) and not finished:
         names = check_readable(raw_uri, raw_name)
         from resnet_imagenet.data import archives
 
@@ -114,7 +117,7 @@ def check_pipeline(*, raw: tuple[str, str], tfrecord: tuple[str, str],
                             f"ILSVRC2012 archives ({', '.join(archives.OFFICIAL)}) nor the "
                             "extracted layout (train/, validation/, validation_labels.txt)")
         checked.append(f"{raw_name} {raw_uri}: readable")
-    if tfrecord_uri and fs.is_remote(tfrecord_uri):
+    if tfrecord_uri and storage.is_remote(tfrecord_uri):
         if finished:
             check_readable(tfrecord_uri, tfrecord_name)
             checked.append(f"{tfrecord_name} {tfrecord_uri}: a finished dataset, readable")
@@ -122,7 +125,7 @@ def check_pipeline(*, raw: tuple[str, str], tfrecord: tuple[str, str],
             check_writable(tfrecord_uri, tfrecord_name)
             checked.append(f"{tfrecord_name} {tfrecord_uri}: writable")
     for name, uri in outputs.items():
-        if uri and fs.is_remote(uri):
+        if uri and storage.is_remote(uri):
             check_writable(uri, name)
             checked.append(f"{name} {uri}: writable")
     return checked

@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from resnet_imagenet import fs
+from resnet_imagenet import storage
 from resnet_imagenet.data import imagenet
 from resnet_imagenet.data.imagenet import RawDataset, RawFile
 from resnet_imagenet.errors import UserError
@@ -92,11 +92,11 @@ class Unit:
 
     @property
     def uri(self) -> str:
-        return fs.join(self.raw_dir, self.archive)
+        return storage.join(self.raw_dir, self.archive)
 
     @property
     def cache_uri(self) -> str:
-        return fs.join(self.cache_dir, self.name + ".json")
+        return storage.join(self.cache_dir, self.name + ".json")
 
     @property
     def where(self) -> str:
@@ -114,7 +114,7 @@ def detect(raw_dir: str) -> bool:
     False when it holds none of them: then it is the extracted layout. Archives of another
     ILSVRC year alone (and no extracted layout) are refused by name.
     """
-    names = set(fs.listdir(raw_dir))
+    names = set(storage.listdir(raw_dir))
     present = [n for n in OFFICIAL if n in names]
     if present:
         missing = [n for n in OFFICIAL if n not in names]
@@ -126,7 +126,7 @@ def detect(raw_dir: str) -> bool:
         for name in sorted(names):
             match = _OTHER_YEAR.match(name)
             if match and match.group(1) != YEAR:
-                raise UserError(f"{fs.join(raw_dir, name)} is an archive of ILSVRC"
+                raise UserError(f"{storage.join(raw_dir, name)} is an archive of ILSVRC"
                                 f"{match.group(1)}, not ILSVRC{YEAR}: convert reads "
                                 f"{', '.join(OFFICIAL)}")
     return False
@@ -177,9 +177,9 @@ def list_tar(reader, length: int, where: str) -> list[tuple[str, int, int]]:
 
 def _stream_members(uri: str, where: str) -> Iterable[tuple[str, bytes]]:
     """``(name, bytes)`` of each regular file of a .tar.gz, read as one stream."""
-    buffer = REMOTE_STREAM_BUFFER if fs.is_remote(uri) else 1024 * 1024
+    buffer = REMOTE_STREAM_BUFFER if storage.is_remote(uri) else 1024 * 1024
     try:
-        with fs.open_range(uri, buffer_size=buffer) as reader, \
+        with storage.open_range(uri, buffer_size=buffer) as reader, \
                 tarfile.open(fileobj=reader, mode="r|gz") as tar:
             for info in tar:
                 if info.isreg():
@@ -240,7 +240,7 @@ def parse_meta(data: bytes, where: str) -> tuple[dict[str, str], dict[int, str]]
 
 
 def read_devkit(raw_dir: str) -> Devkit:
-    uri = fs.join(raw_dir, DEVKIT)
+    uri = storage.join(raw_dir, DEVKIT)
     files = dict(_stream_members(uri, uri))
     year = _other_year(files)
     if year:
@@ -272,13 +272,13 @@ def read_devkit(raw_dir: str) -> Devkit:
 
 
 def _key(raw_dir: str, archive: str) -> str:
-    size, version = fs.version(fs.join(raw_dir, archive))
+    size, version = storage.version(storage.join(raw_dir, archive))
     return f"{archive}:{size}:{version}"
 
 
 def _read_cache(unit: Unit) -> dict | None:
     try:
-        found = json.loads(fs.read_text(unit.cache_uri))
+        found = json.loads(storage.read_text(unit.cache_uri))
     except (FileNotFoundError, ValueError):
         return None
     return found if found.get("key") == unit.key else None
@@ -292,8 +292,8 @@ def _train_classes(raw_dir: str, key: str, cache_dir: str) -> list[tuple[str, in
         return [tuple(m) for m in cached["members"]]
     uri = unit.uri
     length = int(key.split(":")[1])
-    buffer = HOP_BUFFER if fs.is_remote(uri) else LOCAL_HOP_BUFFER
-    with fs.open_range(uri, 0, length, buffer_size=buffer) as reader:
+    buffer = HOP_BUFFER if storage.is_remote(uri) else LOCAL_HOP_BUFFER
+    with storage.open_range(uri, 0, length, buffer_size=buffer) as reader:
         members = list_tar(reader, length, uri)
     classes = []
     for name, offset, size in members:
@@ -305,7 +305,7 @@ def _train_classes(raw_dir: str, key: str, cache_dir: str) -> list[tuple[str, in
                 + (f": this is ILSVRC{year} data" if year else
                    f": use the official {TRAIN} (one tar per class)"))
         classes.append((match.group(1), offset, size))
-    fs.write_text(unit.cache_uri, json.dumps({"key": key, "members": classes}) + "\n")
+    storage.write_text(unit.cache_uri, json.dumps({"key": key, "members": classes}) + "\n")
     return classes
 
 
@@ -320,9 +320,9 @@ def index_unit(unit: Unit) -> dict:
     if unit.name == "boxes":
         index = {"unit": unit.name, "key": unit.key, "boxes": _index_boxes(unit)}
     else:
-        remote = fs.is_remote(unit.uri)
+        remote = storage.is_remote(unit.uri)
         buffer = REMOTE_STREAM_BUFFER if remote else LOCAL_HOP_BUFFER
-        with fs.open_range(unit.uri, unit.start, unit.length, buffer_size=buffer) as reader:
+        with storage.open_range(unit.uri, unit.start, unit.length, buffer_size=buffer) as reader:
             members = list_tar(reader, unit.length, unit.where)
         files = []
         for name, offset, size in members:
@@ -333,7 +333,7 @@ def index_unit(unit: Unit) -> dict:
                                  "without directories")
             files.append((name, unit.start + offset, size))
         index = {"unit": unit.name, "key": unit.key, "files": files}
-    fs.write_text(unit.cache_uri, json.dumps(index) + "\n")
+    storage.write_text(unit.cache_uri, json.dumps(index) + "\n")
     return index
 
 
@@ -416,7 +416,7 @@ def _devkit(raw_dir: str, cache_dir: str) -> Devkit:
         return Devkit(cached["classes"], {int(k): v for k, v in cached["wnid_of_id"].items()},
                       tuple(cached["ground_truth"]))
     devkit = read_devkit(raw_dir)
-    fs.write_text(unit.cache_uri, json.dumps(
+    storage.write_text(unit.cache_uri, json.dumps(
         {"unit": unit.name, "key": unit.key, "classes": devkit.classes,
          "wnid_of_id": devkit.wnid_of_id, "ground_truth": devkit.ground_truth}) + "\n")
     return devkit
@@ -425,17 +425,17 @@ def _devkit(raw_dir: str, cache_dir: str) -> Devkit:
 def load(raw_dir: str, cache_dir: str, run: RunUnits = _inline, num_tasks: int = 1,
          task_index: int = 0) -> RawDataset:
     """The dataset the archives in ``raw_dir`` hold, as the extracted layout would give it."""
-    raw_dir = fs.normalize(raw_dir)
+    raw_dir = storage.normalize(raw_dir)
     devkit = _devkit(raw_dir, cache_dir)
     units, _ = units_of(raw_dir, cache_dir)
     synsets = sorted(u.name[len("train-"):] for u in units if u.name.startswith("train-"))
     unknown = [w for w in synsets if w not in devkit.classes]
     if unknown:
-        raise BadArchive(f"{fs.join(raw_dir, TRAIN)} holds {unknown[0]}.tar, a class that "
+        raise BadArchive(f"{storage.join(raw_dir, TRAIN)} holds {unknown[0]}.tar, a class that "
                          f"{DEVKIT}'s {META} does not list: archives of another year?")
     absent = [w for w in sorted(devkit.classes) if w not in set(synsets)]
     if absent:
-        raise BadArchive(f"{fs.join(raw_dir, TRAIN)} holds {len(synsets)} class archives but "
+        raise BadArchive(f"{storage.join(raw_dir, TRAIN)} holds {len(synsets)} class archives but "
                          f"{META} lists {len(devkit.classes)} classes ({absent[0]}.tar is "
                          "missing): download it again")
     indexes = build_index(units, run, num_tasks, task_index)
@@ -463,9 +463,9 @@ def load(raw_dir: str, cache_dir: str, run: RunUnits = _inline, num_tasks: int =
 
     members = sorted(indexes["validation"]["files"])
     if not members:
-        raise BadArchive(f"{fs.join(raw_dir, VALIDATION)} holds no images")
+        raise BadArchive(f"{storage.join(raw_dir, VALIDATION)} holds no images")
     if len(members) != len(devkit.ground_truth):
-        raise BadArchive(f"{fs.join(raw_dir, VALIDATION)} holds {len(members):,} images but "
+        raise BadArchive(f"{storage.join(raw_dir, VALIDATION)} holds {len(members):,} images but "
                          f"{GROUND_TRUTH} has {len(devkit.ground_truth):,} labels: download "
                          "both again")
     validation = []
@@ -473,12 +473,12 @@ def load(raw_dir: str, cache_dir: str, run: RunUnits = _inline, num_tasks: int =
         match = VALIDATION_NAME.match(name)
         if not match:
             year = _other_year([name])
-            raise BadArchive(f"{fs.join(raw_dir, VALIDATION)} holds {name}: "
+            raise BadArchive(f"{storage.join(raw_dir, VALIDATION)} holds {name}: "
                              + (f"an image of ILSVRC{year}, not ILSVRC{YEAR}" if year else
                                 "not an ILSVRC2012_val_<8 digits>.JPEG image"))
         number = int(match.group(1))
         if not 1 <= number <= len(devkit.ground_truth):
-            raise BadArchive(f"{fs.join(raw_dir, VALIDATION)} holds {name}, but "
+            raise BadArchive(f"{storage.join(raw_dir, VALIDATION)} holds {name}, but "
                              f"{GROUND_TRUTH} has only {len(devkit.ground_truth):,} labels")
         wnid = devkit.wnid_of_id[devkit.ground_truth[number - 1]]
         if wnid not in label_of:
@@ -498,7 +498,7 @@ def validation_samples(raw_dir: str, count: int, out_dir: str) -> list[tuple[str
     devkit = read_devkit(raw_dir)
     os.makedirs(out_dir, exist_ok=True)
     found = []
-    with fs.open_range(fs.join(raw_dir, VALIDATION), buffer_size=1024 * 1024) as reader, \
+    with storage.open_range(storage.join(raw_dir, VALIDATION), buffer_size=1024 * 1024) as reader, \
             tarfile.open(fileobj=reader, mode="r|") as tar:
         for info in tar:
             match = VALIDATION_NAME.match(posixpath.basename(info.name))

@@ -11,7 +11,7 @@ bounding_boxes/<wnid>/*.xml, optional synsets.txt and metadata.txt). Both give t
 RAW and OUT may be local or gs://. OUT receives train-%05d-of-%05d, validation-%05d-of-%05d,
 labels.txt (line k = wnid of label k) and manifest.json (counts and every skipped file).
 
-No TensorFlow: files are read and written through resnet_imagenet.fs (the standard library
+No TensorFlow: files are read and written through resnet_imagenet.storage (the standard library
 locally, google-cloud-storage on gs://), so the command and its workers start in a fraction of
 a second (--validate decode is the exception: it decodes with TensorFlow on purpose).
 
@@ -55,7 +55,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from resnet_imagenet import fs
+from resnet_imagenet import storage
 from resnet_imagenet.data import archives, image_check, imagenet
 from resnet_imagenet.data.imagenet import RawDataset, RawFile
 from resnet_imagenet.data.records import RecordWriter, example_parts
@@ -184,7 +184,7 @@ class ShardResult:
 
 
 def _state_uri(out_dir: str, name: str) -> str:
-    return fs.join(out_dir, STATE_DIR, name)
+    return storage.join(out_dir, STATE_DIR, name)
 
 
 def _read_ahead(ctx: ShardContext, files: tuple[RawFile, ...]):
@@ -196,9 +196,9 @@ def _read_ahead(ctx: ShardContext, files: tuple[RawFile, ...]):
     def read(raw: RawFile):
         if raw.member is not None:  # in one of the official archives: its bytes only
             archive, offset, size = raw.member
-            return raw, fs.read_range(fs.join(ctx.raw_dir, archive), offset, size), None
-        data = fs.read_bytes(fs.join(ctx.raw_dir, *raw.rel.split("/")))
-        xml = (fs.read_bytes(fs.join(ctx.raw_dir, *raw.boxes_rel.split("/")))
+            return raw, storage.read_range(storage.join(ctx.raw_dir, archive), offset, size), None
+        data = storage.read_bytes(storage.join(ctx.raw_dir, *raw.rel.split("/")))
+        xml = (storage.read_bytes(storage.join(ctx.raw_dir, *raw.boxes_rel.split("/")))
                if raw.boxes_rel else None)
         return raw, data, xml
 
@@ -230,7 +230,7 @@ def _boxes(raw: RawFile, xml: bytes | None) -> list:
 def write_shard(ctx: ShardContext, shard: Shard) -> ShardResult:
     """Write one shard (atomically), then its record in OUT/_shards/."""
     skipped = []
-    with fs.atomic_write(fs.join(ctx.out_dir, shard.name), "wb") as f:
+    with storage.atomic_write(storage.join(ctx.out_dir, shard.name), "wb") as f:
         writer = RecordWriter(f)
         for raw, data, xml in _read_ahead(ctx, shard.files):
             try:
@@ -247,7 +247,7 @@ def write_shard(ctx: ShardContext, shard: Shard) -> ShardResult:
             )))
     record = {"shard": shard.name, "fingerprint": ctx.fingerprint, "images": writer.records,
               "skipped": skipped}
-    fs.write_text(_state_uri(ctx.out_dir, shard.name + ".json"),
+    storage.write_text(_state_uri(ctx.out_dir, shard.name + ".json"),
                   json.dumps(record, indent=1, sort_keys=True) + "\n")
     return ShardResult(shard.name, writer.records, tuple(skipped))
 
@@ -317,7 +317,7 @@ def load_input(raw_dir: str, out_dir: str, run=None, num_tasks: int = 1,
     :func:`_worker_pool`; inline when None), this task's share of the units first; the
     indexes go to OUT/_shards/archives/.
     """
-    raw_dir = fs.normalize(raw_dir)
+    raw_dir = storage.normalize(raw_dir)
     if not archives.detect(raw_dir):
         return imagenet.load(raw_dir)
     log.info("%s holds the ILSVRC2012 archives: reading them without extracting", raw_dir)
@@ -334,7 +334,7 @@ def load_input(raw_dir: str, out_dir: str, run=None, num_tasks: int = 1,
                 log.info("indexed %d/%d archive units", len(indexes), len(units))
         return indexes
 
-    return archives.load(raw_dir, fs.join(out_dir, STATE_DIR, archives.CACHE_DIR), run_units,
+    return archives.load(raw_dir, storage.join(out_dir, STATE_DIR, archives.CACHE_DIR), run_units,
                          num_tasks, task_index)
 
 
@@ -379,7 +379,7 @@ class _Progress:
 
 def _read_json(uri: str) -> dict | None:
     try:
-        return json.loads(fs.read_text(uri))
+        return json.loads(storage.read_text(uri))
     except FileNotFoundError:
         return None
     except ValueError:
@@ -388,7 +388,7 @@ def _read_json(uri: str) -> dict | None:
 
 def _read_records(out_dir: str, names: list[str]) -> dict[str, dict]:
     """The per-shard records that exist for ``names`` (read in parallel: many on GCS)."""
-    present = set(fs.listdir(fs.join(out_dir, STATE_DIR)))
+    present = set(storage.listdir(storage.join(out_dir, STATE_DIR)))
     wanted = [n for n in names if n + ".json" in present]
     with ThreadPoolExecutor(STATE_THREADS) as pool:
         found = pool.map(lambda n: _read_json(_state_uri(out_dir, n + ".json")), wanted)
@@ -419,8 +419,8 @@ def _conflict(plan: Plan, names: set[str], config: dict | None) -> str | None:
 
 
 def _temp_target(name: str) -> str | None:
-    """The final name of a temporary file from fs.temp_name (``.tmp-<hex>-<name>``)."""
-    if not fs.is_temp(name):
+    """The final name of a temporary file from storage.temp_name (``.tmp-<hex>-<name>``)."""
+    if not storage.is_temp(name):
         return None
     parts = name.split("-", 2)
     return parts[2] if len(parts) == 3 else None
@@ -428,12 +428,12 @@ def _temp_target(name: str) -> str | None:
 
 def _remove_temps(out_dir: str, shard_names: set[str]) -> None:
     """Delete leftovers of killed writers of these shards (and of their records)."""
-    for directory, suffix in ((out_dir, ""), (fs.join(out_dir, STATE_DIR), ".json")):
-        for name in fs.listdir(directory):
+    for directory, suffix in ((out_dir, ""), (storage.join(out_dir, STATE_DIR), ".json")):
+        for name in storage.listdir(directory):
             target = _temp_target(name)
             if target is not None and target.endswith(suffix) and \
                     target[:len(target) - len(suffix)] in shard_names:
-                fs.remove(fs.join(directory, name))
+                storage.remove(storage.join(directory, name))
 
 
 def _remove_stale(out_dir: str, plan: Plan, names: set[str]) -> None:
@@ -446,12 +446,12 @@ def _remove_stale(out_dir: str, plan: Plan, names: set[str]) -> None:
     planned = set(_planned_names(plan.config))
     for name in sorted(names):
         if (parse_shard_name(name) and name not in planned) or name in (MANIFEST_FILE, LABELS_FILE):
-            fs.remove(fs.join(out_dir, name))
-    state_dir = fs.join(out_dir, STATE_DIR)
-    for name in fs.listdir(state_dir):
+            storage.remove(storage.join(out_dir, name))
+    state_dir = storage.join(out_dir, STATE_DIR)
+    for name in storage.listdir(state_dir):
         stem = name[:-len(".json")] if name.endswith(".json") else None
         if stem is not None and parse_shard_name(stem) and stem not in planned:
-            fs.remove(fs.join(state_dir, name))
+            storage.remove(storage.join(state_dir, name))
 
 
 # ------------------------------------------------------------------------------- finalizing
@@ -473,7 +473,7 @@ def finalize(out_dir: str) -> dict:
     :class:`Incomplete` while shards are missing. Deterministic: rerunning writes the same
     bytes, so several tasks may finalize.
     """
-    out_dir = fs.normalize(out_dir)
+    out_dir = storage.normalize(out_dir)
     config = _read_json(_state_uri(out_dir, CONFIG_FILE))
     if config is None:
         raise UserError(f"{out_dir} holds no conversion to finalize "
@@ -481,8 +481,8 @@ def finalize(out_dir: str) -> dict:
     names = _planned_names(config)
     # Listings first: while other tasks are still at work this costs two requests, not one
     # read per shard record.
-    present = set(fs.listdir(out_dir))
-    present_records = set(fs.listdir(fs.join(out_dir, STATE_DIR)))
+    present = set(storage.listdir(out_dir))
+    present_records = set(storage.listdir(storage.join(out_dir, STATE_DIR)))
     missing = [n for n in names if n not in present or n + ".json" not in present_records]
     if not missing:
         records = _read_records(out_dir, names)
@@ -500,10 +500,10 @@ def finalize(out_dir: str) -> dict:
                            "images": sum(records[n]["images"] for n in split_names)}
     manifest["skipped"] = sorted((s for n in names for s in records[n]["skipped"]),
                                  key=lambda s: s["file"])
-    fs.write_text(fs.join(out_dir, LABELS_FILE), "".join(
+    storage.write_text(storage.join(out_dir, LABELS_FILE), "".join(
         f"{wnid}\n" for wnid in config["synsets"]))
     # The manifest goes last: its presence means the whole output is there.
-    fs.write_text(fs.join(out_dir, MANIFEST_FILE),
+    storage.write_text(storage.join(out_dir, MANIFEST_FILE),
                   json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 
@@ -560,8 +560,8 @@ def convert(raw_dir: str, output_dir: str, *, train_shards: int = DEFAULT_SHARDS
     workers = default_workers() if workers is None else workers
     _check_arguments(train_shards, validation_shards, workers, num_tasks, task_index, validate,
                      read_threads)
-    out_dir = fs.normalize(output_dir)
-    if fs.exists(out_dir) and not fs.isdir(out_dir):
+    out_dir = storage.normalize(output_dir)
+    if storage.exists(out_dir) and not storage.isdir(out_dir):
         raise UserError(f"--output-dir {out_dir} is a file: choose a directory")
     with _worker_pool(workers) as run:
         return _convert(raw_dir, out_dir, run, workers, train_shards, validation_shards,
@@ -579,7 +579,7 @@ def _convert(raw_dir: str, out_dir: str, run, workers: int, train_shards: int,
             log.warning("%d %s shards for %d images: some shards will be empty",
                         count, split, len(files))
 
-    names = set(fs.listdir(out_dir))
+    names = set(storage.listdir(out_dir))
     state_config = _read_json(_state_uri(out_dir, CONFIG_FILE))
     conflict = _conflict(plan, names, state_config)
     if conflict and not overwrite:
@@ -590,7 +590,7 @@ def _convert(raw_dir: str, out_dir: str, run, workers: int, train_shards: int,
         log.warning("%s holds %s: rebuilding (--overwrite)", out_dir, conflict)
         _remove_stale(out_dir, plan, names)
     if state_config != plan.config:
-        fs.write_text(_state_uri(out_dir, CONFIG_FILE),
+        storage.write_text(_state_uri(out_dir, CONFIG_FILE),
                       json.dumps(plan.config, indent=1, sort_keys=True) + "\n")
 
     owned = plan.owned(num_tasks, task_index)
@@ -604,7 +604,7 @@ def _convert(raw_dir: str, out_dir: str, run, workers: int, train_shards: int,
              min(workers, max(len(todo), 1)))
 
     if read_threads is None:
-        read_threads = REMOTE_READ_THREADS if fs.is_remote(dataset.raw_dir) else 1
+        read_threads = REMOTE_READ_THREADS if storage.is_remote(dataset.raw_dir) else 1
     ctx = ShardContext(dataset.raw_dir, out_dir, plan.fingerprint, dataset.texts, validate,
                        read_threads)
     results: list[ShardResult] = []
@@ -736,15 +736,15 @@ def write_synthetic_raw(raw_dir: str, images: int = BENCH_IMAGES, classes: int =
         if n % 10 == 9:  # 10% validation
             labels.append(wnid)
             name = f"ILSVRC2012_val_{len(labels):08d}.JPEG"
-            fs.write_bytes(fs.join(raw_dir, imagenet.VALIDATION_DIR, name),
+            storage.write_bytes(storage.join(raw_dir, imagenet.VALIDATION_DIR, name),
                            buf.getvalue())
         else:
             name = f"{wnid}_{n}"
-            fs.write_bytes(fs.join(raw_dir, imagenet.TRAIN_DIR, wnid, name + ".JPEG"),
+            storage.write_bytes(storage.join(raw_dir, imagenet.TRAIN_DIR, wnid, name + ".JPEG"),
                            buf.getvalue())
-            fs.write_text(fs.join(raw_dir, imagenet.BOXES_DIR, wnid, name + ".xml"),
+            storage.write_text(storage.join(raw_dir, imagenet.BOXES_DIR, wnid, name + ".xml"),
                           bbox_xml(name, wnid, width, height, box))
-    fs.write_text(fs.join(raw_dir, imagenet.VALIDATION_LABELS), "\n".join(labels) + "\n")
+    storage.write_text(storage.join(raw_dir, imagenet.VALIDATION_LABELS), "\n".join(labels) + "\n")
 
 
 def baseline_shard(ctx: ShardContext, shard: Shard) -> ShardResult:
@@ -758,7 +758,7 @@ def baseline_shard(ctx: ShardContext, shard: Shard) -> ShardResult:
     from resnet_imagenet.data.tfrecord import encode_example
 
     images, skipped = 0, []
-    with fs.atomic_path(fs.join(ctx.out_dir, shard.name)) as tmp, \
+    with storage.atomic_path(storage.join(ctx.out_dir, shard.name)) as tmp, \
             tf.io.TFRecordWriter(tmp) as writer:
         for raw, data, xml in _read_ahead(ctx, shard.files):
             try:
@@ -779,7 +779,7 @@ def _warm_up(ctx: ShardContext, shard: Shard) -> ShardResult:
     it; the converter does not) and touch the output."""
     import tensorflow  # noqa: F401
 
-    fs.exists(ctx.out_dir)
+    storage.exists(ctx.out_dir)
     time.sleep(0.2)  # long enough that every worker of the pool takes one
     return ShardResult(shard.name, 0, ())
 
@@ -801,17 +801,17 @@ def bench(raw_dir: str | None = None, workers: int = 1, limit: int | None = None
     scratch = tempfile.mkdtemp(prefix="convert-bench-")
     try:
         if raw_dir is None:
-            raw_dir = fs.join(scratch, "raw")
+            raw_dir = storage.join(scratch, "raw")
             write_synthetic_raw(raw_dir, limit or BENCH_IMAGES)
-        raw_dir = fs.normalize(raw_dir)
-        dataset = load_input(raw_dir, fs.join(scratch, "index"))
+        raw_dir = storage.normalize(raw_dir)
+        dataset = load_input(raw_dir, storage.join(scratch, "index"))
         everything = dataset.train + dataset.validation
         files = everything[:limit]
         # Few, large shards as in real runs (1,250 images each), where per-shard costs vanish.
         shards = spread(files, "train", max(1, min(len(files), 2 * workers)), seed=0)
-        ctx = ShardContext(dataset.raw_dir, fs.join(scratch, "out"), "bench",
+        ctx = ShardContext(dataset.raw_dir, storage.join(scratch, "out"), "bench",
                            dataset.texts, "header",
-                           REMOTE_READ_THREADS if fs.is_remote(dataset.raw_dir) else 1)
+                           REMOTE_READ_THREADS if storage.is_remote(dataset.raw_dir) else 1)
         sizes = [len(data) for _, data, _ in _read_ahead(ctx, tuple(files))]  # a warm cache
         figures = {"images": len(files), "workers": workers,
                    "mean_file_kb": sum(sizes) / max(len(sizes), 1) / 1e3}
@@ -821,7 +821,7 @@ def bench(raw_dir: str | None = None, workers: int = 1, limit: int | None = None
             list(run(_warm_up, ctx, shards[:workers]))
             for _ in range(rounds):
                 for label, task in (("baseline", baseline_shard), ("converter", write_shard)):
-                    fs.rmtree(ctx.out_dir)  # replacing old files costs more than writing new
+                    storage.rmtree(ctx.out_dir)  # replacing old files costs more than writing new
                     start = time.perf_counter()
                     done = sum(r.images + len(r.skipped) for r in run(task, ctx, shards))
                     rates[label].append(done / (time.perf_counter() - start))
@@ -832,7 +832,7 @@ def bench(raw_dir: str | None = None, workers: int = 1, limit: int | None = None
         figures["ratio"] = statistics.median(
             c / b for b, c in zip(rates["baseline"], rates["converter"]))
     finally:
-        fs.rmtree(scratch)
+        storage.rmtree(scratch)
     print(f"convert benchmark: {figures['images']} images (mean {figures['mean_file_kb']:.0f} kB), "
           f"{workers} worker(s)")
     for label, what in (("baseline", "reference algorithm (full TF decode)"),
@@ -870,12 +870,12 @@ def _timed_convert(raw_dir: str, out_dir: str, workers: int, train_shards: int) 
 def _fresh_runs(raw_dir: str, scratch: str, workers: int, images: int) -> dict:
     """Cold start (a fresh command converting a handful of images with every worker busy) and,
     for inputs up to FRESH_RUN_MAX_IMAGES, a fresh run over the whole of RAW."""
-    tiny = fs.join(scratch, "tiny")
+    tiny = storage.join(scratch, "tiny")
     write_synthetic_raw(tiny, COLD_IMAGES, classes=1)
-    figures = {"cold_start_s": _timed_convert(tiny, fs.join(scratch, "tiny-out"), workers,
+    figures = {"cold_start_s": _timed_convert(tiny, storage.join(scratch, "tiny-out"), workers,
                                               min(workers, COLD_IMAGES - 1))}
     if images <= FRESH_RUN_MAX_IMAGES:
-        figures["fresh_run_s"] = _timed_convert(raw_dir, fs.join(scratch, "fresh-out"), workers,
-                                                2 * workers)
+        figures["fresh_run_s"] = _timed_convert(raw_dir, storage.join(scratch, "fresh-out"),
+                                                workers, 2 * workers)
         figures["fresh_run_images"] = images
     return figures

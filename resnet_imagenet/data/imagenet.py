@@ -27,7 +27,7 @@ import xml.etree.ElementTree as ElementTree
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from resnet_imagenet import fs
+from resnet_imagenet import storage
 from resnet_imagenet.errors import UserError
 
 TRAIN_DIR = "train"
@@ -76,7 +76,7 @@ class RawDataset:
     validation: tuple[RawFile, ...]
 
     def uri(self, rel: str) -> str:
-        return fs.join(self.raw_dir, *rel.split("/"))
+        return storage.join(self.raw_dir, *rel.split("/"))
 
     def text(self, synset: str) -> str:
         return self.texts.get(synset, "")
@@ -137,19 +137,19 @@ def parse_boxes(xml: bytes | str, where: str = "bounding-box XML") -> list[Box]:
 
 def _parallel_listdir(uris: list[str]) -> list[list[str]]:
     if len(uris) <= 1:
-        return [fs.listdir(u) for u in uris]
+        return [storage.listdir(u) for u in uris]
     with ThreadPoolExecutor(min(LIST_THREADS, len(uris))) as pool:
-        return list(pool.map(fs.listdir, uris))
+        return list(pool.map(storage.listdir, uris))
 
 
 def _read_synsets(raw_dir: str, class_dirs: list[str]) -> list[str]:
-    path = fs.join(raw_dir, SYNSETS)
-    if not fs.exists(path):
+    path = storage.join(raw_dir, SYNSETS)
+    if not storage.exists(path):
         if not class_dirs:
-            raise UserError(f"{fs.join(raw_dir, TRAIN_DIR)} holds no class directories: "
+            raise UserError(f"{storage.join(raw_dir, TRAIN_DIR)} holds no class directories: "
                             f"expected {TRAIN_DIR}/<wnid>/<images>")
         return class_dirs
-    synsets = _lines(fs.read_text(path))
+    synsets = _lines(storage.read_text(path))
     if not synsets:
         raise UserError(f"{path} is empty: list one wnid per line, or delete it to use the "
                         f"sorted {TRAIN_DIR}/ directories")
@@ -161,18 +161,18 @@ def _read_synsets(raw_dir: str, class_dirs: list[str]) -> list[str]:
     present = set(class_dirs)
     for wnid in synsets:
         if wnid not in present:
-            raise UserError(f"{path} lists {wnid} but {fs.join(raw_dir, TRAIN_DIR, wnid)} "
+            raise UserError(f"{path} lists {wnid} but {storage.join(raw_dir, TRAIN_DIR, wnid)} "
                             "does not exist: add its images or remove it from the list")
     for wnid in class_dirs:
         if wnid not in seen:
-            raise UserError(f"{fs.join(raw_dir, TRAIN_DIR, wnid)} is not listed in {path}: "
+            raise UserError(f"{storage.join(raw_dir, TRAIN_DIR, wnid)} is not listed in {path}: "
                             "add it there or remove the directory")
     return synsets
 
 
 def _require_dir(raw_dir: str, name: str, what: str) -> str:
-    path = fs.join(raw_dir, name)
-    if not fs.isdir(path):
+    path = storage.join(raw_dir, name)
+    if not storage.isdir(path):
         raise UserError(f"{path} not found: the raw layout needs {what} "
                         "(see 'resnet-imagenet convert --help')")
     return path
@@ -180,31 +180,31 @@ def _require_dir(raw_dir: str, name: str, what: str) -> str:
 
 def load(raw_dir: str) -> RawDataset:
     """List and check the raw layout under ``raw_dir`` (local or gs://)."""
-    raw_dir = fs.normalize(raw_dir)
-    if not fs.isdir(raw_dir):
+    raw_dir = storage.normalize(raw_dir)
+    if not storage.isdir(raw_dir):
         raise UserError(f"--raw-dir {raw_dir} is not a directory: point it at the four "
                         "ILSVRC2012 archives or their extracted layout (or make one with "
                         "'resnet-imagenet sample-data')")
     train_dir = _require_dir(raw_dir, TRAIN_DIR, f"{TRAIN_DIR}/<wnid>/<images>")
     validation_dir = _require_dir(raw_dir, VALIDATION_DIR, f"{VALIDATION_DIR}/<images>")
-    labels_path = fs.join(raw_dir, VALIDATION_LABELS)
-    if not fs.exists(labels_path):
+    labels_path = storage.join(raw_dir, VALIDATION_LABELS)
+    if not storage.exists(labels_path):
         raise UserError(f"{labels_path} not found: it gives the wnid of each validation image, "
                         "one per line in sorted file order")
 
-    class_dirs = _visible(fs.listdir(train_dir))
+    class_dirs = _visible(storage.listdir(train_dir))
     synsets = _read_synsets(raw_dir, class_dirs)
     label_of = {wnid: k for k, wnid in enumerate(synsets, start=1)}
 
-    listings = _parallel_listdir([fs.join(train_dir, w) for w in synsets]
-                                 + [fs.join(raw_dir, BOXES_DIR, w) for w in synsets])
+    listings = _parallel_listdir([storage.join(train_dir, w) for w in synsets]
+                                 + [storage.join(raw_dir, BOXES_DIR, w) for w in synsets])
     image_lists, box_lists = listings[:len(synsets)], listings[len(synsets):]
     train = []
     for wnid, names, box_names in zip(synsets, image_lists, box_lists):
         names = _visible(names)
         if not names:
-            path = fs.join(train_dir, wnid)
-            if not fs.isdir(path):
+            path = storage.join(train_dir, wnid)
+            if not storage.isdir(path):
                 hint = (" (extract the per-class archives of ILSVRC2012_img_train.tar)"
                         if wnid.endswith(".tar") else "")
                 raise UserError(f"{path} is not a directory: {TRAIN_DIR}/ must hold one "
@@ -219,10 +219,10 @@ def load(raw_dir: str) -> RawDataset:
                 boxes_rel=f"{BOXES_DIR}/{wnid}/{box}" if box else None,
             ))
 
-    validation_names = _visible(fs.listdir(validation_dir))
+    validation_names = _visible(storage.listdir(validation_dir))
     if not validation_names:
         raise UserError(f"{validation_dir} holds no images")
-    labels = _lines(fs.read_text(labels_path))
+    labels = _lines(storage.read_text(labels_path))
     if len(labels) != len(validation_names):
         raise UserError(
             f"{labels_path} has {len(labels)} labels but {validation_dir} holds "
@@ -236,9 +236,9 @@ def load(raw_dir: str) -> RawDataset:
         validation.append(RawFile(rel=f"{VALIDATION_DIR}/{name}", label=label_of[wnid],
                                   synset=wnid))
 
-    metadata_path = fs.join(raw_dir, METADATA)
-    texts = (parse_metadata(fs.read_text(metadata_path), metadata_path)
-             if fs.exists(metadata_path) else {})
+    metadata_path = storage.join(raw_dir, METADATA)
+    texts = (parse_metadata(storage.read_text(metadata_path), metadata_path)
+             if storage.exists(metadata_path) else {})
     return RawDataset(
         raw_dir=raw_dir,
         synsets=tuple(synsets),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
-from resnet_imagenet import fs
+from resnet_imagenet import storage
 from resnet_imagenet.data import tfrecord
 from resnet_imagenet.data.convert import MANIFEST_FILE as MANIFEST
 from resnet_imagenet.data.convert import STATE_DIR as CONVERT_STATE
@@ -43,16 +43,16 @@ def inspect(data_dir: str) -> dict:
     "shard names" | None, "train": {"shards": n, "images": n or None}, "validation": {...},
     "classes": n or None}``; ``reason`` says what is missing when it is not ready.
     """
-    data_dir = fs.normalize(data_dir)
+    data_dir = storage.normalize(data_dir)
     info: dict = {"ready": False, "uri": data_dir, "source": None, "classes": None,
                   "train": None, "validation": None}
-    names = [n for n in fs.listdir(data_dir) if not fs.is_temp(n)]
+    names = [n for n in storage.listdir(data_dir) if not storage.is_temp(n)]
     if not names:
         return {**info, "reason": f"no dataset at {data_dir}"}
     found = _shard_sets(names)
 
     if MANIFEST in names:
-        manifest = json.loads(fs.read_text(fs.join(data_dir, MANIFEST)))
+        manifest = json.loads(storage.read_text(storage.join(data_dir, MANIFEST)))
         info.update(source="manifest", classes=manifest.get("classes"))
         for split in tfrecord.SPLITS:
             count = int((manifest.get(split) or {}).get("shards") or 0)

@@ -35,7 +35,7 @@ import uuid
 
 import numpy as np
 
-from resnet_imagenet import fs
+from resnet_imagenet import storage
 from resnet_imagenet.errors import UserError
 from resnet_imagenet.storage import TMP_MARKER
 
@@ -242,9 +242,9 @@ def build(output_dir: str, seed: int = 0, overwrite: bool = False,
     extracted layout. A local output is built in a temporary sibling directory and renamed
     into place, so the directory is either the complete dataset or untouched.
     """
-    output_dir = fs.normalize(output_dir)
-    if not fs.is_empty_dir(output_dir) or (
-        fs.exists(output_dir) and not fs.isdir(output_dir)
+    output_dir = storage.normalize(output_dir)
+    if not storage.is_empty_dir(output_dir) or (
+        storage.exists(output_dir) and not storage.isdir(output_dir)
     ):
         if not overwrite:
             raise UserError(
@@ -256,20 +256,20 @@ def build(output_dir: str, seed: int = 0, overwrite: bool = False,
     if as_archives:
         files = to_archives(files, seed)
 
-    remote = fs.is_remote(output_dir)
+    remote = storage.is_remote(output_dir)
     target = output_dir
     if not remote:
         parent = os.path.dirname(os.path.abspath(output_dir))
         os.makedirs(parent, exist_ok=True)
         target = os.path.join(parent, f"{TMP_MARKER}{uuid.uuid4().hex[:8]}-sample")
     elif overwrite:
-        fs.rmtree(output_dir)
+        storage.rmtree(output_dir)
 
     try:
         for rel, data in files.items():
-            path = fs.join(target, *rel.split("/"))
+            path = storage.join(target, *rel.split("/"))
             if remote:
-                fs.write_bytes(path, data)
+                storage.write_bytes(path, data)
             else:  # local staging directory: plain writes, the final rename makes it atomic
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 with open(path, "wb") as f:

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from resnet_imagenet import fs, preflight
+from resnet_imagenet import preflight, storage
 from resnet_imagenet.data import sample
 from resnet_imagenet.errors import UserError
 from tests.support.gcs import gcs_client
@@ -35,9 +35,9 @@ def raw(gcs_server, tmp_path_factory) -> str:
 def policy(gcs_emulator, monkeypatch):
     with PolicyProxy(gcs_emulator.endpoint) as proxy:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)
-        fs.reset()
+        storage.reset()
         yield proxy
-    fs.reset()
+    storage.reset()
 
 
 def uris(raw: str, out: str) -> dict:
@@ -91,7 +91,7 @@ def test_missing_bucket_empty_prefix_and_a_finished_dataset(raw, gcs_bucket, pol
     with pytest.raises(UserError, match=rf"raw_uri={gcs_bucket}/empty holds nothing"):
         check(uris(f"{gcs_bucket}/empty", gcs_bucket))
     # A finished dataset needs no raw data, and is only read: its bucket may be read-only.
-    fs.write_text(f"{gcs_bucket}/tfrecords/manifest.json", "{}\n")
+    storage.write_text(f"{gcs_bucket}/tfrecords/manifest.json", "{}\n")
     policy.deny("storage.objects.create", gcs_bucket)
     policy.deny("storage.objects.get", raw.split("/")[2])
     checked = check({"raw_uri": raw, "tfrecord_uri": f"{gcs_bucket}/tfrecords",

@@ -1,9 +1,9 @@
-"""storage.py on gs:// against the emulator: the calls TensorFlow really makes, seen from outside.
+"""gs:// against the emulator: resnet_imagenet.storage (google-cloud-storage) and TensorFlow's
+own gs:// filesystem (tf.data, checkpoints, SavedModels), each reading what the other wrote.
 
-What TensorFlow writes is read back with google-cloud-storage and the other way round, so a pass
-means TensorFlow's own traffic reached the emulator. The emulator process logs every request it
-forwards (request line, Host, Range); tests read that log to check *how* TensorFlow did it
-(resumable uploads, ranged reads, delimiter listings, rewrite + delete for a rename).
+google-cloud-storage reaches fake-gcs-server directly (``STORAGE_EMULATOR_HOST``); TensorFlow goes
+through the emulator's proxy, which logs every request it forwards (request line, Host, Range):
+tests read that log to check *how* TensorFlow did it (resumable uploads, ranged reads).
 Tests that use the emulator fixtures are marked ``gcs`` by the plugin (tests/support/gcs.py).
 """
 
@@ -21,17 +21,24 @@ import time
 import urllib.parse
 
 import pytest
+from google.api_core.exceptions import NotFound, PreconditionFailed
+from google.cloud.storage.blob import Blob
 
 from resnet_imagenet import storage
 from tests.support.gcs import (ENV_AT_START, GcsEmulator, gcs_client, start_emulator,
                                 stop_emulator)
 
+
 def bucket_of(uri: str):
     return gcs_client().bucket(uri[len("gs://"):])
 
 
+def names(bucket_uri: str) -> list[str]:
+    return sorted(b.name for b in gcs_client().bucket(bucket_uri[5:]).list_blobs())
+
+
 class RequestLog:
-    """The requests the emulator forwarded after this object was made."""
+    """The requests the emulator's proxy forwarded (TensorFlow's) after this object was made."""
 
     def __init__(self, emulator: GcsEmulator):
         self.path = emulator.log_file
@@ -47,11 +54,14 @@ class RequestLog:
         return [line for line in self.lines() if all(part in line for part in parts)]
 
 
-def test_write_is_a_resumable_upload(gcs_emulator, gcs_bucket):
+def test_tensorflow_writes_are_resumable_uploads(gcs_emulator, gcs_bucket):
+    import tensorflow as tf
+
     data = os.urandom(3 * 1024 * 1024 + 17)
     uri = f"{gcs_bucket}/up/big.bin"
     requests = RequestLog(gcs_emulator)
-    storage.write_bytes(uri, data)
+    with tf.io.gfile.GFile(uri, "wb") as f:
+        f.write(data)
 
     bucket = bucket_of(gcs_bucket).name
     initiated = requests.matching(
@@ -59,35 +69,31 @@ def test_write_is_a_resumable_upload(gcs_emulator, gcs_bucket):
     )
     assert initiated, requests.lines()
     assert requests.matching("PUT /upload/", "upload_id="), "the bytes go to the session URL"
-    blob = bucket_of(gcs_bucket).get_blob("up/big.bin")
-    assert blob.size == len(data)
-    assert blob.download_as_bytes() == data
+    assert storage.size(uri) == len(data)
+    assert storage.read_bytes(uri) == data
 
 
-def test_read_uses_ranges_on_the_media_host(gcs_emulator, gcs_bucket):
-    data = os.urandom(2 * 1024 * 1024)
-    bucket_of(gcs_bucket).blob("media/obj.bin").upload_from_string(data)
-    uri = f"{gcs_bucket}/media/obj.bin"
-    requests = RequestLog(gcs_emulator)
-
+def test_tensorflow_reads_use_ranges_on_the_media_host(gcs_emulator, gcs_bucket):
     import tensorflow as tf
 
+    data = os.urandom(2 * 1024 * 1024)
+    uri = f"{gcs_bucket}/media/obj.bin"
+    storage.write_bytes(uri, data)
+    requests = RequestLog(gcs_emulator)
     with tf.io.gfile.GFile(uri, "rb") as f:
         f.seek(1_500_000)
         assert f.read(1000) == data[1_500_000:1_501_000]
-    assert storage.read_bytes(uri) == data
     reads = requests.matching(f"GET /{bucket_of(gcs_bucket).name}/media%2Fobj.bin")
     assert reads and all("host=storage.googleapis.com range=bytes=" in line for line in reads), (
         requests.lines()
     )
 
 
-def test_listing_uses_prefix_and_delimiter(gcs_emulator, gcs_bucket):
+def test_listing_prefixes_and_markers(gcs_bucket):
     bucket = bucket_of(gcs_bucket)
     for name in ["ds/train/a.jpg", "ds/train/b.jpg", "ds/val/c.jpg", "ds/readme.txt", "dsx/other",
                  "ds/empty/"]:
         bucket.blob(name).upload_from_string(b"" if name.endswith("/") else name.encode())
-    requests = RequestLog(gcs_emulator)
 
     assert storage.listdir(f"{gcs_bucket}/ds") == ["empty", "readme.txt", "train", "val"]
     assert storage.listdir(gcs_bucket) == ["ds", "dsx"]
@@ -97,10 +103,10 @@ def test_listing_uses_prefix_and_delimiter(gcs_emulator, gcs_bucket):
     ]
     assert storage.isdir(f"{gcs_bucket}/ds/train"), "a prefix without a marker object is a dir"
     assert storage.is_empty_dir(f"{gcs_bucket}/ds/empty")
-    assert requests.matching("delimiter=%2F", "prefix=ds%2F")
+    assert list(storage.walk_files(f"{gcs_bucket}/ds/empty")) == [], "a marker is not a file"
 
 
-def test_stat_exists_and_deletes(gcs_emulator, gcs_bucket):
+def test_stat_exists_and_deletes(gcs_bucket):
     bucket = bucket_of(gcs_bucket)
     bucket.blob("s/one.bin").upload_from_string(b"x" * 1234)
     bucket.blob("s/sub/two.bin").upload_from_string(b"y")
@@ -109,27 +115,151 @@ def test_stat_exists_and_deletes(gcs_emulator, gcs_bucket):
     assert storage.exists(gcs_bucket)
     assert storage.exists(f"{gcs_bucket}/s")
     assert not storage.exists(f"{gcs_bucket}/s/none.bin")
-    assert not storage.exists("gs://no-such-bucket-for-this-test/x")
+    missing = "gs://no-such-bucket-for-this-test"
+    assert not storage.exists(f"{missing}/x") and not storage.exists(missing)
+    assert not storage.isdir(missing) and list(storage.walk_files(missing)) == []
+    with pytest.raises(NotFound):  # pre-flight turns it into "bucket ... does not exist"
+        storage.listdir(missing)
 
     storage.remove(f"{gcs_bucket}/s/one.bin")
     assert bucket.get_blob("s/one.bin") is None
     storage.rmtree(f"{gcs_bucket}/s")
     assert list(gcs_client().list_blobs(bucket.name, prefix="s/")) == []
-    # Not storage.exists(): TensorFlow caches "this folder exists" for GCS_STAT_CACHE_MAX_AGE
-    # (5 s by default) and its recursive delete does not drop that entry; listings are not cached.
-    assert storage.is_empty_dir(f"{gcs_bucket}/s")
+    assert not storage.exists(f"{gcs_bucket}/s")
 
 
-def test_rename_is_rewrite_then_delete(gcs_emulator, gcs_bucket):
+class Rewrites:
+    """Records every Blob.rewrite (the server-side copy) and can change what happens around it."""
+
+    def __init__(self, monkeypatch, before=None, after=None):
+        self.calls: list[dict] = []
+        real = Blob.rewrite
+
+        def rewrite(blob, source, **kwargs):
+            self.calls.append({"source": source.name, "target": blob.name, **kwargs})
+            if before:
+                before(blob, len(self.calls))
+            result = real(blob, source, **kwargs)
+            if after:
+                after(blob, len(self.calls))
+            return result
+
+        monkeypatch.setattr(Blob, "rewrite", rewrite)
+
+
+def test_a_write_is_a_temporary_object_copied_under_a_precondition(gcs_bucket, monkeypatch):
+    rewrites = Rewrites(monkeypatch)
+    uri = f"{gcs_bucket}/w/out.json"
+    storage.write_text(uri, "first")
+    storage.write_text(uri, "second")
+    assert storage.read_text(uri) == "second" and names(gcs_bucket) == ["w/out.json"]
+    first, second = rewrites.calls
+    assert storage.is_temp(first["source"]) and first["target"] == "w/out.json"
+    assert first["if_generation_match"] == 0, "the first write: 'must not exist yet'"
+    assert second["if_generation_match"] not in (0, None), "then: 'still the version I saw'"
+
+
+def test_rename_is_a_guarded_copy_then_delete(gcs_bucket, monkeypatch):
     storage.write_bytes(f"{gcs_bucket}/r/src.bin", b"renamed bytes")
-    requests = RequestLog(gcs_emulator)
+    storage.write_bytes(f"{gcs_bucket}/r/dst.bin", b"old")
+    rewrites = Rewrites(monkeypatch)
+    with pytest.raises(FileExistsError):
+        storage.rename(f"{gcs_bucket}/r/src.bin", f"{gcs_bucket}/r/dst.bin", overwrite=False)
+    assert rewrites.calls == []
     storage.rename(f"{gcs_bucket}/r/src.bin", f"{gcs_bucket}/r/dst.bin")
+    assert names(gcs_bucket) == ["r/dst.bin"]
+    assert bucket_of(gcs_bucket).blob("r/dst.bin").download_as_bytes() == b"renamed bytes"
+    (call,) = rewrites.calls
+    assert call["source"] == "r/src.bin" and call["if_generation_match"] not in (0, None)
 
-    bucket = bucket_of(gcs_bucket)
-    assert bucket.get_blob("r/src.bin") is None
-    assert bucket.blob("r/dst.bin").download_as_bytes() == b"renamed bytes"
-    assert requests.matching("/o/r%2Fsrc.bin/rewriteTo/b/", "/o/r%2Fdst.bin")
-    assert requests.matching("DELETE ", "/o/r%2Fsrc.bin")
+
+def test_a_retried_copy_that_had_landed_is_done(gcs_bucket, monkeypatch):
+    """The copy succeeded but its answer was lost; the retry meets the precondition's 412."""
+    def lost_answer(blob, call):
+        if call == 1:
+            raise PreconditionFailed("the retry of a copy that landed")
+
+    rewrites = Rewrites(monkeypatch, after=lost_answer)
+    storage.write_bytes(f"{gcs_bucket}/x.bin", b"payload")
+    assert len(rewrites.calls) == 1
+    assert storage.read_bytes(f"{gcs_bucket}/x.bin") == b"payload"
+    assert names(gcs_bucket) == ["x.bin"]
+
+
+def test_another_writer_in_between(gcs_bucket, monkeypatch):
+    """Someone replaces the final name between the look at its generation and the copy. GCS
+    then answers the copy with 412; fake-gcs-server does not check preconditions of a rewrite,
+    so the test gives that answer itself."""
+    def intruder(blob, call):
+        if call == 1:
+            Blob(blob.name, blob.bucket).upload_from_string(b"theirs")
+            raise PreconditionFailed("the generation no longer matches")
+
+    rewrites = Rewrites(monkeypatch, before=intruder)
+    with pytest.raises(FileExistsError):
+        storage.copy(__file__, f"{gcs_bucket}/c/new.bin", overwrite=False)
+    assert bucket_of(gcs_bucket).blob("c/new.bin").download_as_bytes() == b"theirs"
+    assert names(gcs_bucket) == ["c/new.bin"], "the temporary object is gone"
+
+    rewrites.calls.clear()
+    storage.write_bytes(f"{gcs_bucket}/c/last.bin", b"mine")  # overwrite: the last writer wins
+    assert [c["if_generation_match"] == 0 for c in rewrites.calls] == [True, False]
+    assert bucket_of(gcs_bucket).blob("c/last.bin").download_as_bytes() == b"mine"
+
+
+def test_copies_between_local_and_gs(gcs_bucket, tmp_path):
+    local = tmp_path / "a.bin"
+    local.write_bytes(b"local bytes")
+    storage.copy(str(local), f"{gcs_bucket}/up/a.bin")
+    storage.copy(f"{gcs_bucket}/up/a.bin", f"{gcs_bucket}/other/a.bin")
+    storage.copy(f"{gcs_bucket}/other/a.bin", str(tmp_path / "down" / "a.bin"))
+    assert (tmp_path / "down" / "a.bin").read_bytes() == b"local bytes"
+    with pytest.raises(FileNotFoundError):
+        storage.copy(f"{gcs_bucket}/none.bin", str(tmp_path / "none.bin"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "down"], "no temporary left"
+    assert names(gcs_bucket) == ["other/a.bin", "up/a.bin"]
+
+
+def test_files_and_prefixes(gcs_bucket):
+    storage.write_text(f"{gcs_bucket}/a/b/one.txt", "one\n")
+    storage.write_bytes(f"{gcs_bucket}/a/two", bytes(range(256)))
+    assert storage.read_text(f"{gcs_bucket}/a/b/one.txt") == "one\n"
+    assert storage.read_range(f"{gcs_bucket}/a/two", 10, 5) == bytes(range(10, 15))
+    assert storage.read_range(f"{gcs_bucket}/a/two", 250, 20) == bytes(range(250, 256))
+    assert storage.listdir(f"{gcs_bucket}/a") == ["b", "two"]
+    assert storage.listdir(f"{gcs_bucket}/nothing") == []
+    assert storage.isdir(f"{gcs_bucket}/a") and not storage.isdir(f"{gcs_bucket}/a/two")
+    assert storage.exists(f"{gcs_bucket}/a/two") and storage.exists(f"{gcs_bucket}/a/b")
+    assert not storage.exists(f"{gcs_bucket}/a/three")
+    assert storage.size(f"{gcs_bucket}/a/two") == 256
+    assert storage.version(f"{gcs_bucket}/a/two")[0] == 256
+    with storage.open_range(f"{gcs_bucket}/a/two", 100, 50, buffer_size=16) as f:
+        f.seek(40)
+        assert f.read() == bytes(range(140, 150))
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(f"{gcs_bucket}/a/three")
+    storage.remove(f"{gcs_bucket}/a/two")
+    storage.remove(f"{gcs_bucket}/a/two")  # missing: not an error
+    storage.rmtree(f"{gcs_bucket}/a")
+    assert names(gcs_bucket) == []
+
+
+def test_a_large_write_is_a_resumable_upload_that_an_error_cancels(gcs_bucket):
+    data = bytes(range(256)) * (storage.SMALL_WRITE // 256 + 4096)  # more than one request holds
+    with pytest.raises(RuntimeError):
+        with storage.atomic_write(f"{gcs_bucket}/big", "wb") as f:
+            f.write(data)
+            raise RuntimeError("the writer fails half-way")
+    assert names(gcs_bucket) == []  # cancelled: no object, not even a partial one
+    with storage.atomic_write(f"{gcs_bucket}/big", "wb") as f:
+        f.write(data[:1000])
+        f.write(data[1000:])
+    assert storage.read_bytes(f"{gcs_bucket}/big") == data
+    with pytest.raises(RuntimeError):
+        with storage.atomic_write(f"{gcs_bucket}/small", "wb") as f:
+            f.write(b"x")
+            raise RuntimeError("fails")
+    assert names(gcs_bucket) == ["big"]
 
 
 def test_atomic_write_leaves_no_object_on_failure(gcs_bucket):
@@ -137,9 +267,9 @@ def test_atomic_write_leaves_no_object_on_failure(gcs_bucket):
         with storage.atomic_write(f"{gcs_bucket}/a/out.bin") as f:
             f.write(b"half")
             raise RuntimeError("interrupted")
-    names = [blob.name for blob in gcs_client().list_blobs(bucket_of(gcs_bucket).name)]
+    names_left = [blob.name for blob in gcs_client().list_blobs(bucket_of(gcs_bucket).name)]
     assert all(not name.startswith("a/out.bin") and storage.TMP_MARKER not in name
-               for name in names), names
+               for name in names_left), names_left
 
 
 @pytest.mark.slow

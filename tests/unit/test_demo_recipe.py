@@ -6,7 +6,7 @@ of the recipe that the measurement rests on, checked without training.
 
 from __future__ import annotations
 
-from resnet_imagenet import run_local
+from pipelines import run_local
 from resnet_imagenet.cli import command_parser
 from resnet_imagenet.training import cli, schedules
 

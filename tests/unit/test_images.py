@@ -19,8 +19,9 @@ DOCKERFILES = {
     "trainer": REPO / "images" / "trainer" / "Dockerfile",
     "launcher": REPO / "images" / "launcher" / "Dockerfile",
 }
-# What the images install from the build context; .dockerignore sends nothing else.
-BUILD_CONTEXT = {"pyproject.toml", "README.md", "resnet_imagenet/"}
+# What the images install from the build context; .dockerignore sends nothing else. The KFP
+# side comes along: run-local and the pipeline's steps import pipelines/ and components/.
+BUILD_CONTEXT = {"pyproject.toml", "README.md", "resnet_imagenet/", "pipelines/", "components/"}
 
 
 def instructions(path) -> list[tuple[str, str]]:

@@ -7,10 +7,13 @@ import base64
 import io
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
-from resnet_imagenet import artifacts, report
+from pipelines import artifacts
+from resnet_imagenet import report
 from resnet_imagenet.data import inventory
 from resnet_imagenet.errors import UserError
 
@@ -129,6 +132,36 @@ def test_training_metrics_are_the_final_figures_of_the_summary(tmp_path):
         "images_per_second": 2810.5, "steps": 500000.0, "epochs": 99.0, "elapsed_hours": 12.5}
     with pytest.raises(UserError, match="holds no train_summary.json: training did not finish"):
         artifacts.training_metrics(str(tmp_path / "nothing"))
+
+
+# Every artifact helper, in a fresh interpreter, on the small local files a step writes.
+WITHOUT_TENSORFLOW = """
+import json, os, sys
+from pipelines import artifacts
+root = sys.argv[1]
+model = os.path.join(root, "model")
+os.makedirs(model)
+with open(os.path.join(model, "config.json"), "w") as f:
+    json.dump({"resnet_size": 18, "image_size": 32, "num_classes": 10, "batch_size": 64,
+               "train_steps": 1}, f)
+with open(os.path.join(model, "train_summary.json"), "w") as f:
+    json.dump({"step": 1, "loss": 2.0}, f)
+artifacts.model(model, os.path.join(root, "model-artifact"))
+artifacts.training_metrics(os.path.join(root, "model-artifact"))
+artifacts.saved_model("gs://bucket/export/1", os.path.join(root, "saved-model-artifact"))
+artifacts.metrics({"top1": 0.5, "top5": 0.9, "images": 10})
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras")))
+"""
+
+
+def test_the_artifact_helpers_run_without_tensorflow(tmp_path):
+    """They write small local JSON files: a step's pod must not pay for importing TensorFlow."""
+    result = subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW, str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    assert json.loads((tmp_path / "saved-model-artifact").read_text()) == {
+        "uri": "gs://bucket/export/1"}
 
 
 def write_scalars(logdir: str, tag: str, values: list[tuple[int, float]]) -> None:

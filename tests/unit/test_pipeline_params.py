@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from resnet_imagenet import cli, pipeline_params
+from pipelines import params as pipeline_params
+from resnet_imagenet import cli
 from resnet_imagenet.errors import UserError
 
 REFERENCE = dict(

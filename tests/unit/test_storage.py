@@ -1,15 +1,16 @@
 """resnet_imagenet.storage: the same behaviour on local paths and on gs:// (the emulator).
 
 Tests taking ``root`` run twice: on a local temporary directory and on a fresh bucket of the GCS
-emulator, reached through TensorFlow's own gs:// filesystem. Path-only functions and refusals are
-tested without any storage.
+emulator (google-cloud-storage; TensorFlow's own gs:// where a test hands it a path). Path-only
+functions and refusals are tested without any storage. The gs:// specifics (resumable uploads,
+ranges, the precondition-guarded copy) are in tests/integration/test_storage_gcs.py.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from resnet_imagenet import storage
+from resnet_imagenet import cli, storage
 from resnet_imagenet.errors import UserError
 
 
@@ -148,7 +149,8 @@ def test_copy_copy_tree_and_deletes(root, tmp_path):
     storage.remove(uri)  # a missing file is not an error
     storage.rmtree(storage.join(root, "t"))
     assert not storage.exists(storage.join(root, "t"))
-    assert storage.listdir(root) == ["copies", "t2"], "the parent made for a copy stays"
+    # A local directory stays when its last file goes; a GCS prefix is only its objects.
+    assert storage.listdir(root) == (["t2"] if storage.is_remote(root) else ["copies", "t2"])
     storage.rmtree(storage.join(root, "t"))  # nor is a missing directory
     storage.rmtree(storage.join(root, "t2", "a.txt"))  # a file is removed too
     assert storage.listdir(storage.join(root, "t2")) == ["sub"]
@@ -200,7 +202,6 @@ def test_file_scheme_is_a_local_path(tmp_path):
     assert path.read_bytes() == b"via file://"
     assert storage.read_bytes(str(path)) == b"via file://"
     assert storage.listdir("file://" + str(tmp_path)) == ["f"]
-    assert storage.local_path(uri) == str(path)
 
 
 def test_path_helpers():
@@ -221,10 +222,66 @@ def test_path_helpers():
     assert storage.dirname(tmp) == "gs://bucket/a" and tmp.endswith("-model.keras")
     assert storage.is_temp(tmp) and not storage.is_temp("gs://bucket/a/model.keras")
     assert storage.temp_name("/x/y") != storage.temp_name("/x/y")
-    assert storage.matches("train-00001-of-00004", "train-*-of-*")
-    assert not storage.matches("validation-00001", "train-*")
-    with pytest.raises(UserError, match="must be a local path"):
-        storage.local_path("gs://bucket/x")
     with pytest.raises(ValueError, match="mode"):
         with storage.atomic_write("/tmp/never-written", "a"):
             pass
+
+
+def test_glob_matches_part_by_part(root):
+    for rel in ["d/train-00000-of-00002", "d/train-00001-of-00002", "d/.tmp-1a2b-train-x",
+                "d/_shards/train-00000-of-00002.json", "e/train-00000-of-00001"]:
+        storage.write_bytes(storage.join(root, *rel.split("/")), b"x")
+    d = storage.join(root, "d")
+    assert storage.glob(storage.join(d, "train-*-of-*")) == [
+        storage.join(d, "train-00000-of-00002"), storage.join(d, "train-00001-of-00002")]
+    assert storage.glob(storage.join(d, "*")) == [storage.join(d, n) for n in (
+        ".tmp-1a2b-train-x", "_shards", "train-00000-of-00002", "train-00001-of-00002")], \
+        "a wildcard matches a leading dot and directories, and never crosses a /"
+    assert storage.glob(storage.join(root, "*", "train-0000[0]-of-*")) == [
+        storage.join(d, "train-00000-of-00002"), storage.join(root, "e", "train-00000-of-00001")]
+    assert storage.glob(storage.join(d, "_shards")) == [storage.join(d, "_shards")]
+    assert storage.glob(storage.join(root, "missing", "*")) == []
+
+
+def test_ranges_versions_and_a_failed_rewrite(root):
+    target = storage.join(root, "a", "b.bin")
+    storage.write_bytes(target, bytes(range(100)))
+    assert storage.read_range(target, 90, 20) == bytes(range(90, 100))
+    assert storage.read_range(target, 200, 5) == b""
+    assert storage.listdir(storage.join(root, "a")) == ["b.bin"]
+    with pytest.raises(RuntimeError), storage.atomic_write(target, "wb") as f:
+        f.write(b"half")
+        raise RuntimeError("cut short")
+    assert storage.read_bytes(target) == bytes(range(100))  # untouched, no temporary file left
+    assert storage.listdir(storage.join(root, "a")) == ["b.bin"]
+    with storage.open_range(target, 10, 30, buffer_size=8) as f:
+        f.seek(25)
+        assert f.read() == bytes(range(35, 40))
+    size, version = storage.version(target)
+    assert size == 100 and version
+    storage.write_bytes(target, b"new")
+    assert storage.version(target) != (size, version)
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(storage.join(root, "a", "missing"))
+    with pytest.raises(FileExistsError), storage.atomic_write(target, overwrite=False) as f:
+        f.write(b"never")
+    assert storage.read_bytes(target) == b"new" and leftovers(root) == []
+    storage.rmtree(storage.join(root, "a"))
+    assert not storage.exists(storage.join(root, "a"))
+
+
+def test_gs_without_credentials_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-key.json"))
+    storage.reset()
+    try:
+        status = cli.main(["convert", "--raw-dir", "gs://bucket/raw", "--output-dir",
+                           str(tmp_path / "out")])
+    finally:
+        storage.reset()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert err == ["error: no Google Cloud credentials for gs://: run 'gcloud auth "
+                   "application-default login', set GOOGLE_APPLICATION_CREDENTIALS to a key "
+                   "file, or run where workload identity gives the pod an account"]
+    assert not (tmp_path / "out").exists()

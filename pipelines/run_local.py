@@ -20,7 +20,10 @@ Layout of WORKDIR (default ./demo):
     runs/<run id>/report.html   a copy of the report
 
 The default configuration is sized for a 2-core laptop: ResNet-18 on 24x24 images.
-This is the one module of the package that imports kfp, and only when the pipeline runs.
+
+The ``resnet-imagenet run-local`` command: registered in the ``resnet_imagenet.commands``
+entry-point group (pyproject.toml), so the library's CLI runs it without importing kfp itself.
+kfp is imported only when the pipeline runs.
 """
 
 from __future__ import annotations
@@ -37,10 +40,14 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
-from resnet_imagenet import pipeline_params, storage
+from pipelines import params as pipeline_params
+from resnet_imagenet import storage
 from resnet_imagenet.errors import UserError
 
 log = logging.getLogger(__name__)
+
+# The line of `resnet-imagenet --help` for this command (see resnet_imagenet.cli).
+SUMMARY = "run the whole KFP pipeline on this machine (demo data -> convert -> train -> ... )"
 
 # The demo configuration: ResNet-18 on the digits at 24 px (3 px per pixel of the 8x8 originals:
 # nothing is lost, and a step costs ~3/4 of one at 32 px). Measured on 2 cores: see README.
@@ -178,17 +185,22 @@ def _validate(params: dict) -> None:
     )
 
 
-def _run_pipeline(params: dict, pipeline_root: str, clock: StepClock) -> dict:
-    """Run the pipeline function with kfp.local; returns its outputs (KFP artifacts, values)."""
-    from kfp import local
-
+def _pipeline_function():
+    """The pipeline function, imported with kfp; a one-line UserError when either is missing."""
     try:
         from pipelines.resnet50_imagenet import resnet50_imagenet
     except ImportError as exc:
         raise UserError(
-            f"cannot import the pipeline ({exc}): run-local needs pipelines/ and components/ of "
-            "this repository; run it from a checkout installed with 'pip install -e .'"
+            f"cannot import the pipeline ({exc}): run-local needs kfp and kfp-kubernetes (the "
+            "package's dependencies) and components/ of this repository; install a checkout "
+            "with 'pip install -e .'"
         ) from None
+    return resnet50_imagenet
+
+
+def _run_pipeline(pipeline, params: dict, pipeline_root: str, clock: StepClock) -> dict:
+    """Run the pipeline function with kfp.local; returns its outputs (KFP artifacts, values)."""
+    from kfp import local
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root,
                raise_on_error=True)
@@ -203,7 +215,7 @@ def _run_pipeline(params: dict, pipeline_root: str, clock: StepClock) -> dict:
             # Kubernetes; kfp.local warns about both, and both are expected here.
             warnings.filterwarnings("ignore", message=r".*non-Python base image")
             warnings.filterwarnings("ignore", message=r".*no effect in the current local runner")
-            task = resnet50_imagenet(**params)
+            task = pipeline(**params)
     except RuntimeError as exc:
         failed = _ANSI.sub("", str(exc)).strip()
         raise PipelineFailed(f"{failed} Its log is above; KFP outputs: {pipeline_root}") from None
@@ -308,6 +320,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = storage.join(workdir, "runs", time.strftime("%Y%m%d-%H%M%S"))
     params = pipeline_arguments(args, workdir, run_dir)
     _validate(params)
+    pipeline = _pipeline_function()  # before any work: kfp and components/ must be there
     if storage.exists(params["data_model_uri"]):
         raise UserError(f"{run_dir} exists already: wait a second and run again")
     pipeline_root = storage.join(run_dir, "kfp")
@@ -321,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
             sample.build(params["data_raw_uri"], per_class=args.per_class,
                          as_archives=args.archives)
     try:
-        outputs = _run_pipeline(params, pipeline_root, clock)
+        outputs = _run_pipeline(pipeline, params, pipeline_root, clock)
         predictions = []
         if args.predict:
             with clock.measure("predict"):

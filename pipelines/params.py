@@ -1,16 +1,9 @@
 """Pipeline parameters: checked in the pipeline's first step, then turned into command lines.
 
-The KFP components (``components/``) are thin: each one calls a function of this module or a
-``resnet-imagenet`` subcommand through :func:`run`, so everything a pipeline run decides can be
-reached by library tests. :func:`validate` runs in the first step of the DAG, before any data is
-converted and before a TFJob (and so a GPU) is requested; its messages name the pipeline
-parameter as the KFP UI shows it (``train_batch_size``, not ``--batch-size``).
-
-KFP hands parameters over as JSON numbers, and a ``dsl.ParallelFor`` item or a collected
-output can arrive as ``3.0`` where an int was sent; every integer is therefore read with
-:func:`as_int`, which accepts integral floats and nothing else.
-
-Pure Python: the launcher step imports it without TensorFlow.
+:func:`validate` runs in the first step of the DAG; its one-line messages name the pipeline
+parameter as the KFP UI shows it. Every integer is read with :func:`as_int` (KFP may hand over
+``3.0``). The components call :func:`run` with the ``*_argv`` command lines built here. Pure
+Python: the launcher step imports it without TensorFlow. The why: docs/pipeline.md.
 """
 
 from __future__ import annotations

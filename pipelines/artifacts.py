@@ -1,12 +1,10 @@
 """What the pipeline's KFP artifacts hold: the URI of the real data, plus a few small files.
 
-Shards, checkpoints, logs and SavedModels are written straight to object storage; copying them
-through KFP's artifact store would double the traffic and the bill. A KFP artifact therefore
-carries the URI in its metadata (``uri``), the figures worth seeing in the KFP UI, and small
-files (the dataset manifest, the training config and summary) at its own local ``path``.
-
-Each function takes the artifact's local ``path`` (written here) and returns the metadata for
-the component to attach; the components stay one-liners.
+A KFP artifact carries the URI in its metadata (``uri``), the figures worth seeing in the KFP UI,
+and small files (the dataset inventory, the training config and summary) at its own local
+``path`` (docs/pipeline.md says why the data itself never goes through KFP). Each function takes
+the artifact's local ``path`` (written here) and returns the metadata for the component to
+attach; the components stay one-liners. No TensorFlow.
 """
 
 from __future__ import annotations
