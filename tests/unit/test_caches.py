@@ -34,7 +34,7 @@ if [ "$1 $2" = "env GOVERSION" ]; then echo "go$VERSION"; exit 0; fi
 if [ "${FAIL:-0}" = 1 ]; then echo "go: simulated: dial tcp: no route to host" >&2; exit 1; fi
 case "$1 ${2:-}" in
   "mod init") echo "module $3" > go.mod ;;
-  "mod download") touch "$PWD/empty.mod"; echo "{\"GoMod\": \"$PWD/empty.mod\"}" ;;
+  "mod download") touch "$FAKE_TMP/empty.mod"; echo "{\"GoMod\": \"$FAKE_TMP/empty.mod\"}" ;;
   "build "*)
     while [ "$1" != "-o" ]; do shift; done
     out=$2; shift 2
@@ -54,9 +54,9 @@ def build(tmp_path: Path, cache: Path, *args: str, version: str = "1.26.8",
     path = [str(fake)] + [p for p in os.environ["PATH"].split(":")
                           if p and not (Path(p) / "go").exists()]
     env = {**os.environ, "PATH": ":".join(path), "RESNET_IMAGENET_CACHE": str(cache),
-           "VERSION": version, "FAIL": "1" if fail else "0"}
+           "VERSION": version, "FAIL": "1" if fail else "0", "FAKE_TMP": str(tmp_path)}
     return subprocess.run([str(BUILD), *args], capture_output=True, text=True, env=env,
-                          timeout=120)
+                          cwd=tmp_path, timeout=120)
 
 
 def not_a_folder(tmp_path: Path) -> Path:
