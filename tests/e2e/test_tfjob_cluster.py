@@ -31,7 +31,7 @@ import pytest
 
 from resnet_imagenet import cli
 from resnet_imagenet.launch import cluster, tfjob
-from tests.unit.test_manifests import kubectl
+from tests.support.manifests import kubectl
 
 pytestmark = pytest.mark.e2e
 

@@ -29,8 +29,8 @@ import tensorflow as tf
 
 from resnet_imagenet.model.resnet import build_resnet
 from resnet_imagenet.training import checkpoints, loop
-from tests.integration.test_train_single import read_scalars
 from tests.support.shards import make_shards
+from tests.support.training import read_scalars
 
 pytestmark = pytest.mark.slow
 

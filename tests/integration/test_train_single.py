@@ -5,7 +5,6 @@ Everything runs for real on the demo dataset's shards (ResNet-18, 32x32 images, 
 
 from __future__ import annotations
 
-import collections
 import glob
 import json
 import os
@@ -23,6 +22,7 @@ from resnet_imagenet.errors import UserError
 from resnet_imagenet.model.resnet import build_resnet, weight_decay_variables
 from resnet_imagenet.training import checkpoints, loop
 from tests.support.shards import make_shards
+from tests.support.training import read_scalars
 
 TINY = dict(resnet_size=18, image_size=32, num_classes=10, batch_size=16, shuffle_buffer=64,
             log_every=1, seed=0, scale_lr_with_batch=False)
@@ -57,17 +57,6 @@ def two_digits(data_dir, tmp_path_factory) -> str:
 
 def tiny(data_dir: str, model_dir, **changes) -> TrainConfig:
     return TrainConfig(data_dir=data_dir, model_dir=str(model_dir), **{**TINY, **changes})
-
-
-def read_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(step, value), ...]} from the TensorBoard event files of one directory."""
-    out = collections.defaultdict(list)
-    for path in sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))):
-        for raw in tf.data.TFRecordDataset(path):
-            event = tf.compat.v1.Event.FromString(raw.numpy())
-            for value in event.summary.value:
-                out[value.tag].append((event.step, float(tf.make_ndarray(value.tensor))))
-    return dict(out)
 
 
 def checkpoint_value(path: str, name: str) -> int:
