@@ -150,13 +150,13 @@ def run(args: argparse.Namespace) -> int:
     for name in ("data_dir", "model_dir"):
         if not getattr(config, name):
             raise UserError(f"{_flag(name)} is required (on the command line or in --config)")
-    from resnet_imagenet.training import loop
+    from resnet_imagenet.training import loop, stopping
 
     try:
         summary = loop.train(config)
-    except loop.RestartRequired as exc:
-        log.warning("%s (exit status %d: retryable)", exc, loop.RETRYABLE_EXIT_CODE)
-        return loop.RETRYABLE_EXIT_CODE
+    except stopping.RestartRequired as exc:
+        log.warning("%s (exit status %d: retryable)", exc, stopping.RETRYABLE_EXIT_CODE)
+        return stopping.RETRYABLE_EXIT_CODE
     validation = summary.get("validation") or {}
     line = (f"trained to step {summary['step']}: loss {summary['loss']:.4f}, "
             f"{summary['images_per_second']:.1f} images/s")

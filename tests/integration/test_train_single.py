@@ -20,7 +20,7 @@ from resnet_imagenet.data import labels as labels_lib
 from resnet_imagenet.data import tfrecord
 from resnet_imagenet.errors import UserError
 from resnet_imagenet.model.resnet import build_resnet, weight_decay_variables
-from resnet_imagenet.training import checkpoints, loop
+from resnet_imagenet.training import checkpoints, loop, stopping
 from tests.support.shards import make_shards
 from tests.support.training import read_scalars
 
@@ -164,7 +164,7 @@ def test_xla_compiled_steps(data_dir, tmp_path):
 
 
 def test_a_diverging_loss_stops_training_naming_the_step(data_dir, tmp_path):
-    with pytest.raises(loop.TrainingDiverged, match=r"the loss is (nan|inf) at step \d+"):
+    with pytest.raises(stopping.TrainingDiverged, match=r"the loss is (nan|inf) at step \d+"):
         loop.train(tiny(data_dir, tmp_path / "model", train_steps=20, batch_size=8,
                         base_learning_rate=1e30))
 
