@@ -42,33 +42,33 @@ def resolve_jit(setting: str, gpus: list) -> bool:
 
 def check_model_dir(config: TrainConfig) -> None:
     """Refuse a model directory that holds another model (before anything is written)."""
-    path = storage.join(config.model_dir, "config.json")
+    path = storage.join(config.runtime.model_dir, "config.json")
     if not storage.exists(path):
         return
-    previous = config_lib.load(config.model_dir)
+    previous = config_lib.load(config.runtime.model_dir)
     for name in ("resnet_size", "num_classes"):
-        before, now = getattr(previous, name), getattr(config, name)
+        before, now = getattr(previous.model, name), getattr(config.model, name)
         if before != now:
             flag = "--" + name.replace("_", "-")
             raise UserError(
-                f"--model-dir {config.model_dir} holds a model trained with {flag} "
+                f"--model-dir {config.runtime.model_dir} holds a model trained with {flag} "
                 f"{before}, not {now}: use a new --model-dir or the same setting"
             )
 
 
 def check_classes(config: TrainConfig) -> None:
     """Refuse data with more classes than the model has outputs; warn about fewer."""
-    label_map = labels_lib.from_data_dir(config.data_dir)
+    label_map = labels_lib.from_data_dir(config.data.data_dir)
     if label_map is None:
         return
-    if len(label_map) > config.num_classes:
+    if len(label_map) > config.model.num_classes:
         raise UserError(
-            f"{config.data_dir} has {len(label_map)} classes but --num-classes is "
-            f"{config.num_classes}: pass --num-classes {len(label_map)}"
+            f"{config.data.data_dir} has {len(label_map)} classes but --num-classes is "
+            f"{config.model.num_classes}: pass --num-classes {len(label_map)}"
         )
-    if len(label_map) < config.num_classes:
+    if len(label_map) < config.model.num_classes:
         log.warning("%s has %d classes; the model has %d outputs (--num-classes)",
-                    config.data_dir, len(label_map), config.num_classes)
+                    config.data.data_dir, len(label_map), config.model.num_classes)
 
 
 def check_batch(batch_size: int, replicas: int) -> None:

@@ -60,21 +60,21 @@ def train(config: TrainConfig) -> dict:
 class _Trainer:
     def __init__(self, config: TrainConfig):
         config = config.validate().effective()
-        if not config.data_dir or not config.model_dir:
+        if not config.data.data_dir or not config.runtime.model_dir:
             raise UserError("--data-dir and --model-dir are required")
-        self.config = config.updated(data_dir=storage.normalize(config.data_dir),
-                                     model_dir=storage.normalize(config.model_dir))
+        self.config = config.updated(data_dir=storage.normalize(config.data.data_dir),
+                                     model_dir=storage.normalize(config.runtime.model_dir))
         # Everything that can be refused is checked before a server starts or a file is written.
         strategy_lib.ensure_tf_config()  # under Trainer v2, from what JobSet gives the pod
         self.cluster = strategy_lib.cluster_from_env()
-        self.train_pattern = tfrecord.shard_pattern(self.config.data_dir, "train")
+        self.train_pattern = tfrecord.shard_pattern(self.config.data.data_dir, "train")
         files = pipeline.list_files(self.train_pattern)
-        if not self.config.data_service:
+        if not self.config.data.data_service:
             pipeline.shard_files(files, self.cluster.num_workers, self.cluster.worker_id)
         # Every worker has the same devices, so the replica count is known before the strategy
         # starts (which, multi-worker, waits for the whole cluster).
         replicas = self.cluster.num_workers * max(1, len(strategy_lib.local_gpus()))
-        checks.check_batch(self.config.batch_size, replicas)
+        checks.check_batch(self.config.optimization.batch_size, replicas)
         checks.check_model_dir(self.config)
         checks.check_classes(self.config)
 
@@ -89,27 +89,28 @@ class _Trainer:
         config, cluster = self.config, self.cluster
         self.strategy = strategy_lib.make_strategy(cluster)
         self.replicas = self.strategy.num_replicas_in_sync
-        checks.check_batch(config.batch_size, self.replicas)
+        checks.check_batch(config.optimization.batch_size, self.replicas)
         gpus = strategy_lib.local_gpus()
-        self.precision = checks.resolve_precision(config.mixed_precision, gpus)
-        self.jit = checks.resolve_jit(config.jit_compile, gpus)
+        self.precision = checks.resolve_precision(config.runtime.mixed_precision, gpus)
+        self.jit = checks.resolve_jit(config.runtime.jit_compile, gpus)
         keras.mixed_precision.set_global_policy(self.precision)
 
-        self.num_train_images = (config.num_train_images
-                                 or pipeline.split_size(config.data_dir))
-        self.steps_per_epoch = self.num_train_images / config.batch_size
-        self.schedule = schedules.build(config, self.steps_per_epoch)
+        self.num_train_images = (config.data.num_train_images
+                                 or pipeline.split_size(config.data.data_dir))
+        self.steps_per_epoch = self.num_train_images / config.optimization.batch_size
+        self.schedule = schedules.build(config.optimization, self.steps_per_epoch)
 
+        net = config.model
         with self.strategy.scope():
-            self.model = build_resnet(config.resnet_size, config.num_classes, config.image_size,
-                                      config.zero_init_residual, bn_momentum=config.bn_momentum,
-                                      bn_epsilon=config.bn_epsilon)
+            self.model = build_resnet(net.resnet_size, net.num_classes, net.image_size,
+                                      net.zero_init_residual, bn_momentum=net.bn_momentum,
+                                      bn_epsilon=net.bn_epsilon)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch",
                                      aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             sgd = keras.optimizers.SGD(learning_rate=lambda: self.schedule(self.step),
-                                       momentum=config.momentum)
+                                       momentum=config.optimization.momentum)
             self.optimizer = (keras.optimizers.LossScaleOptimizer(sgd)
                               if self.precision == "mixed_float16" else sgd)
             # Keras 3 creates optimizer variables lazily; build them now so a restore fills
@@ -130,9 +131,9 @@ class _Trainer:
                                               epoch=self.epoch)
         saved = tf.train.Checkpoint(model=self.model, optimizer=sgd, step=self.step,
                                     epoch=self.epoch, input_positions=self.input_positions)
-        self.writer = checkpoints.CheckpointWriter(saved, config.model_dir,
+        self.writer = checkpoints.CheckpointWriter(saved, config.runtime.model_dir,
                                                    cluster.is_chief,
-                                                   config.keep_checkpoints)
+                                                   config.runtime.keep_checkpoints)
 
     def _restore(self) -> str | None:
         """Restore the latest checkpoint, if any; sets where this worker's input resumes."""
@@ -144,14 +145,15 @@ class _Trainer:
         if latest is None:
             log.info("no checkpoint in %s: starting from scratch", self.writer.directory)
             return None
-        what = f"ResNet-{self.config.resnet_size} with {self.config.num_classes} classes"
+        net = self.config.model
+        what = f"ResNet-{net.resnet_size} with {net.num_classes} classes"
         checkpoints.restore(self.checkpoint, self.model, latest, what)
         self.input_start = (int(self.epoch.numpy()), 0)
         reader = tf.train.load_checkpoint(latest)
         key = "input_positions/.ATTRIBUTES/VARIABLE_VALUE"
         positions = reader.get_tensor(key) if reader.has_tensor(key) else None
         mine = self.cluster.worker_id * (self.replicas // self.cluster.num_workers)
-        if self.config.data_service:
+        if self.config.data.data_service:
             log.info("input from a tf.data service: resuming at the start of epoch %d",
                      self.input_start[0])
         elif positions is None or positions.shape != (self.replicas, 2) or positions[mine][0] < 0:
@@ -166,21 +168,21 @@ class _Trainer:
         return latest
 
     def _dataset(self, start_epoch: int, skip: int):
-        config = self.config
+        data, config = self.config.data, self.config
         # One tf.data service job per run (the model directory names the run), shared by its
         # workers; restarted workers rejoin it.
         job = "resnet-imagenet-" + hashlib.sha256(
-            config.model_dir.encode()).hexdigest()[:16]
+            config.runtime.model_dir.encode()).hexdigest()[:16]
 
         def dataset_fn(context):
             return pipeline.train_dataset(
                 self.train_pattern,
-                context.get_per_replica_batch_size(config.batch_size),
-                config.image_size, input_context=context, shuffle_buffer=config.shuffle_buffer,
-                seed=config.seed, start_epoch=start_epoch, skip=skip, with_positions=True,
-                num_classes=config.num_classes, data_service=config.data_service,
-                data_service_job=job, min_crop_area=config.min_crop_area,
-                random_flip=config.random_flip,
+                context.get_per_replica_batch_size(config.optimization.batch_size),
+                config.model.image_size, input_context=context, shuffle_buffer=data.shuffle_buffer,
+                seed=data.seed, start_epoch=start_epoch, skip=skip, with_positions=True,
+                num_classes=config.model.num_classes, data_service=data.data_service,
+                data_service_job=job, min_crop_area=data.min_crop_area,
+                random_flip=data.random_flip,
             )
 
         return self.strategy.distribute_datasets_from_function(dataset_fn)
@@ -199,7 +201,7 @@ class _Trainer:
 
     def _save(self, step: int) -> str:
         self._sync_replicas()
-        self.epoch.assign(step * self.config.batch_size // self.num_train_images)
+        self.epoch.assign(step * self.config.optimization.batch_size // self.num_train_images)
         path = self.writer.save(step)
         log.info("checkpoint %s (epoch %d)", path, int(self.epoch.numpy()))
         return path
@@ -209,11 +211,11 @@ class _Trainer:
         if not self.cluster.is_chief or not self.validation_pattern:
             return None
         start = time.perf_counter()
-        batch = max(1, self.config.batch_size // self.cluster.num_workers)
+        batch = max(1, self.config.optimization.batch_size // self.cluster.num_workers)
         if self.eval_model is not self.model:  # a float32 copy of the mixed-precision model
             self.eval_model.set_weights([v.numpy() for v in self.model.weights])
         result = steps.validate(self.eval_step, self.validation_pattern, batch,
-                                self.config.image_size)
+                                self.config.model.image_size)
         result["precision"] = "float32"
         self.summaries.validation(step, top1=result["top1"], top5=result["top5"])
         log.info("validation (float32) at step %d: top-1 %.4f, top-5 %.4f over %d images "
@@ -225,17 +227,17 @@ class _Trainer:
         config, cluster = self.config, self.cluster
         self._build()
         resumed_from = self._restore()
-        self.summaries = Summaries(config.model_dir, cluster.is_chief)
+        self.summaries = Summaries(config.runtime.model_dir, cluster.is_chief)
         if cluster.is_chief:
-            storage.makedirs(config.model_dir)
-            config_lib.save(config, config.model_dir)
-            labels_lib.copy_to_model(config.data_dir, config.model_dir,
-                                     config.num_classes)
-        validation_pattern = tfrecord.shard_pattern(config.data_dir, "validation")
+            storage.makedirs(config.runtime.model_dir)
+            config_lib.save(config, config.runtime.model_dir)
+            labels_lib.copy_to_model(config.data.data_dir, config.runtime.model_dir,
+                                     config.model.num_classes)
+        validation_pattern = tfrecord.shard_pattern(config.data.data_dir, "validation")
         self.validation_pattern = validation_pattern if storage.glob(validation_pattern) else ""
         if cluster.is_chief and not self.validation_pattern:
             log.warning("no validation shards in %s: no validation during training",
-                        config.data_dir)
+                        config.data.data_dir)
         # Validation runs float32, as `resnet-imagenet evaluate` and the SavedModel do: under
         # mixed precision, on a float32 copy that takes the weights before each validation.
         self.eval_model = self.model
@@ -243,17 +245,17 @@ class _Trainer:
             from resnet_imagenet import evaluation
 
             self.eval_model = evaluation.build_model(config)
-        self.eval_step = steps.make_eval_step(self.eval_model, config.num_classes)
+        self.eval_step = steps.make_eval_step(self.eval_model, config.model.num_classes)
         self.barrier = steps.make_barrier(self.strategy)
         self.start_step = self.current_step = int(self.step.numpy())
         log.info("ResNet-%d, %d classes, %dx%d images; global batch %d over %d replica(s) on "
                  "%d worker(s); %s; %s, XLA %s; %d images per epoch",
-                 config.resnet_size, config.num_classes, config.image_size,
-                 config.image_size, config.batch_size, self.replicas,
+                 config.model.resnet_size, config.model.num_classes, config.model.image_size,
+                 config.model.image_size, config.optimization.batch_size, self.replicas,
                  cluster.num_workers, self.schedule.describe(), self.precision,
                  "on" if self.jit else "off", self.num_train_images)
         started = time.perf_counter()
-        throughput = Throughput(config.batch_size)
+        throughput = Throughput(config.optimization.batch_size)
         try:
             with self._peers_watched():
                 metrics, last_saved = self._loop(throughput, resumed_from is not None)
@@ -275,11 +277,11 @@ class _Trainer:
             "loss": metrics["loss"],
             "cross_entropy": metrics["cross_entropy"],
             "l2": metrics["l2"],
-            "train_top1": metrics["correct"] / config.batch_size,
+            "train_top1": metrics["correct"] / config.optimization.batch_size,
             "learning_rate": float(self.schedule(max(step - 1, 0))),
             "images_per_second": round(throughput.images_per_second(total=True), 2),
             "elapsed_seconds": round(time.perf_counter() - started, 2),
-            "global_batch_size": config.batch_size,
+            "global_batch_size": config.optimization.batch_size,
             "num_replicas": self.replicas,
             "num_workers": cluster.num_workers,
             "worker": cluster.worker_id,
@@ -292,7 +294,7 @@ class _Trainer:
             "weights_sha256": fingerprint,
         }
         if cluster.is_chief:
-            storage.write_text(storage.join(config.model_dir, SUMMARY_FILE),
+            storage.write_text(storage.join(config.runtime.model_dir, SUMMARY_FILE),
                                json.dumps(summary, indent=2) + "\n")
         return summary
 
@@ -300,18 +302,18 @@ class _Trainer:
         """Steps until ``train_steps``; returns the last step's metrics and the last saved step."""
         import tensorflow as tf
 
-        config = self.config
+        optimization, runtime = self.config.optimization, self.config.runtime
         iterator = iter(self._dataset(*self.input_start))
         train_step = steps.make_train_step(
             self.strategy, self.model, self.optimizer, self.decay_variables, self.step,
-            global_batch_size=config.batch_size, num_classes=config.num_classes,
-            label_smoothing=config.label_smoothing, weight_decay=config.weight_decay,
+            global_batch_size=optimization.batch_size, num_classes=self.config.model.num_classes,
+            label_smoothing=optimization.label_smoothing, weight_decay=optimization.weight_decay,
             loss_scaling=self.precision == "mixed_float16", jit_compile=self.jit)
         stop = StopSignal()
         last_saved = self.current_step if resumed else -1
         metrics = dict.fromkeys(_METRICS, float("nan"))
         with stop.installed():
-            while self.current_step < config.train_steps:
+            while self.current_step < optimization.train_steps:
                 tick = time.perf_counter()
                 try:
                     totals, position = train_step(iterator, tf.constant(float(stop.requested)))
@@ -332,16 +334,16 @@ class _Trainer:
                         f"the loss is {metrics['loss']} at step {step}: training diverged; "
                         "lower --base-learning-rate or add --warmup-epochs, then resume or restart"
                     )
-                if step % config.log_every == 0 or step == config.train_steps:
+                if step % runtime.log_every == 0 or step == optimization.train_steps:
                     self._log_step(step, metrics, throughput)
                 if metrics["stop"] > 0:
                     path = self._save(step)
                     self.barrier()  # every worker has saved before any exits
                     raise Preempted(step, path)
-                if config.checkpoint_every and step % config.checkpoint_every == 0:
+                if runtime.checkpoint_every and step % runtime.checkpoint_every == 0:
                     last_saved, _ = step, self._save(step)
-                if (config.eval_every and step % config.eval_every == 0
-                        and step < config.train_steps):
+                if (runtime.eval_every and step % runtime.eval_every == 0
+                        and step < optimization.train_steps):
                     self._sync_replicas()  # every worker: a collective
                     self._validate(step)
         return metrics, last_saved
@@ -366,13 +368,14 @@ class _Trainer:
             ) from None
 
     def _log_step(self, step: int, metrics: dict, throughput: Throughput) -> None:
+        optimization = self.config.optimization
         lr = float(self.schedule(step - 1))
-        top1 = metrics["correct"] / self.config.batch_size
+        top1 = metrics["correct"] / optimization.batch_size
         images_per_second = throughput.images_per_second()
         log.info("step %d/%d  loss %.4f (ce %.4f, l2 %.4f)  lr %.5g  top-1 %.3f  "
-                 "%.1f images/s  eta %s", step, self.config.train_steps, metrics["loss"],
+                 "%.1f images/s  eta %s", step, optimization.train_steps, metrics["loss"],
                  metrics["cross_entropy"], metrics["l2"], lr, top1, images_per_second,
-                 throughput.eta(self.config.train_steps - step))
+                 throughput.eta(optimization.train_steps - step))
         self.summaries.train(step, loss=metrics["loss"], cross_entropy=metrics["cross_entropy"],
                              l2=metrics["l2"], learning_rate=lr, top1=top1,
                              images_per_second=images_per_second)

@@ -56,7 +56,8 @@ def two_digits(data_dir, tmp_path_factory) -> str:
 
 
 def tiny(data_dir: str, model_dir, **changes) -> TrainConfig:
-    return TrainConfig(data_dir=data_dir, model_dir=str(model_dir), **{**TINY, **changes})
+    return TrainConfig().updated(data_dir=data_dir, model_dir=str(model_dir),
+                                 **{**TINY, **changes})
 
 
 def checkpoint_value(path: str, name: str) -> int:
@@ -189,7 +190,7 @@ def refused(config: TrainConfig, match: str) -> str:
         loop.train(config)
     message = str(info.value)
     assert "\n" not in message
-    assert not os.path.exists(config.model_dir), "nothing may be written"
+    assert not os.path.exists(config.runtime.model_dir), "nothing may be written"
     return message
 
 
@@ -230,7 +231,7 @@ def test_more_classes_in_the_data_than_outputs(data_dir, tmp_path):
 def test_checkpoint_of_another_depth(one_step, tmp_path):
     model_dir = tmp_path / "copy"
     shutil.copytree(one_step[0], model_dir)
-    data_dir = config_lib.load(str(model_dir)).data_dir
+    data_dir = config_lib.load(str(model_dir)).data.data_dir
     with pytest.raises(UserError, match="--resnet-size 18, not 34"):
         loop.train(tiny(data_dir, model_dir, resnet_size=34, train_steps=2, batch_size=8))
     # Without config.json (copied checkpoints, say) the checkpoint itself is checked.

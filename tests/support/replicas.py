@@ -130,7 +130,7 @@ def train(data_dir: str, model_dir: str) -> dict:
         return save(writer, step)
 
     checkpoints.CheckpointWriter.save = recording_save
-    summary = loop.train(TrainConfig(
+    summary = loop.train(TrainConfig().updated(
         data_dir=data_dir, model_dir=model_dir, resnet_size=18, image_size=32, num_classes=10,
         batch_size=16, train_steps=2, checkpoint_every=1, shuffle_buffer=64, seed=0,
         mixed_precision="float16", bn_momentum=0.5, base_learning_rate=0.01))
