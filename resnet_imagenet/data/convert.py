@@ -82,7 +82,6 @@ class _Progress:
             self.bar.close()
 
 
-
 def _check_arguments(train_shards: int, validation_shards: int, workers: int, num_tasks: int,
                      task_index: int, validate: str, read_threads: int | None) -> None:
     for flag, value in (("--train-shards", train_shards),
