@@ -202,6 +202,9 @@ SECTION_OF = {f.name: section for section, cls in SECTIONS.items()
 
 @dataclass
 class TrainConfig:
+    """The settings of one training run, by section (flat names: :meth:`updated`,
+    :meth:`to_dict`, :meth:`from_dict`)."""
+
     data: DataSettings = field(default_factory=DataSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     optimization: OptimizationSettings = field(default_factory=OptimizationSettings)
