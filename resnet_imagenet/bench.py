@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.benchmark == "convert":
-        from resnet_imagenet.data.convert import bench
+        from resnet_imagenet.data.convert_bench import bench
 
         if args.workers < 1 or args.limit < 1:
             raise UserError("--workers and --limit must be at least 1")

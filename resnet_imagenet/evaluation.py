@@ -78,7 +78,7 @@ def float32_policy():
 
 
 def describe(config: config_lib.TrainConfig) -> str:
-    return f"ResNet-{config.resnet_size} with {config.num_classes} classes"
+    return f"ResNet-{config.model.resnet_size} with {config.model.num_classes} classes"
 
 
 def build_model(config: config_lib.TrainConfig):
@@ -86,9 +86,10 @@ def build_model(config: config_lib.TrainConfig):
     from resnet_imagenet.model.resnet import build_resnet
 
     with float32_policy():
-        return build_resnet(config.resnet_size, config.num_classes, config.image_size,
-                            config.zero_init_residual, bn_momentum=config.bn_momentum,
-                            bn_epsilon=config.bn_epsilon)
+        settings = config.model
+        return build_resnet(settings.resnet_size, settings.num_classes, settings.image_size,
+                            settings.zero_init_residual, bn_momentum=settings.bn_momentum,
+                            bn_epsilon=settings.bn_epsilon)
 
 
 def resolve_checkpoint(model_dir: str, checkpoint: str | None = None) -> str:
@@ -245,17 +246,17 @@ class Evaluator:
         # from the records has no labels.json: rebuild it here (the records carry the names).
         self.label_map = (labels_lib.load(self.model_dir)
                           or labels_lib.from_data_dir(self.data_dir)
-                          or labels_lib.from_records(self.data_dir, self.config.num_classes))
+                          or labels_lib.from_records(self.data_dir, self.config.model.num_classes))
         files = validation_files(self.data_dir)
         self.expected_images = _expected_images(self.data_dir)
         self.dataset = pipeline.eval_dataset(
             tfrecord.shard_pattern(self.data_dir, "validation"), batch_size,
-            self.config.image_size)
+            self.config.model.image_size)
         log.info("validation: %d shards under %s, batches of %d", len(files), self.data_dir,
                  batch_size)
         self.model = build_model(self.config)
-        self.top_k = min(TOP_K, self.config.num_classes)
-        size = self.config.image_size
+        self.top_k = min(TOP_K, self.config.model.num_classes)
+        size = self.config.model.image_size
 
         @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
         def top_classes(images):
@@ -272,7 +273,7 @@ class Evaluator:
         restored = restore(self.model, self.config,
                            resolve_checkpoint(self.model_dir, checkpoint))
         log.info("evaluating %s (step %d)", restored.checkpoint, restored.step)
-        n = self.config.num_classes
+        n = self.config.model.num_classes
         images = np.zeros(n, np.int64)
         top1 = np.zeros(n, np.int64)
         topk = np.zeros(n, np.int64)
@@ -386,7 +387,7 @@ def watch(data_dir: str, model_dir: str, batch_size: int = DEFAULT_BATCH_SIZE,
                     continue
                 last_step = metrics["step"]
                 yield metrics
-                final_step = evaluator.config.train_steps
+                final_step = evaluator.config.optimization.train_steps
                 if last_step >= final_step:
                     log.info("evaluated the final step %d: done", final_step)
                     return

@@ -69,7 +69,7 @@ def _serving_module(model, config: config_lib.TrainConfig, label_map: list[dict]
 
     from resnet_imagenet.data import preprocessing
 
-    size, num_classes = config.image_size, config.num_classes
+    size, num_classes = config.model.image_size, config.model.num_classes
     top_k = min(TOP_K, num_classes)
     # Index = label (1..N); index 0 is the unused label 0 of the TFRecords.
     synsets, texts = [""] * (num_classes + 1), [""] * (num_classes + 1)
@@ -132,11 +132,11 @@ def _serving_command(export_dir: str) -> str:
 
 def _readme(config: config_lib.TrainConfig, restored: evaluation.Restored, version: int,
             export_dir: str, labelled: bool) -> str:
-    size = config.image_size
+    size, classes = config.model.image_size, config.model.num_classes
     return f"""# {evaluation.describe(config)}, SavedModel version {version}
 
 Exported by `resnet-imagenet export` from `{restored.checkpoint}` (step {restored.step}).
-Input images are classified at {size}x{size} px; labels are 1..{config.num_classes} as in the
+Input images are classified at {size}x{size} px; labels are 1..{classes} as in the
 training TFRecords{"" if labelled else " (no label map was known: synsets and texts are empty)"}.
 
 ## Signatures
@@ -145,9 +145,9 @@ training TFRecords{"" if labelled else " (no label map was known: synsets and te
 resized and centre-cropped in the graph).
 `predict_images`: input `images`, uint8 [batch, {size}, {size}, 3], already preprocessed.
 
-Outputs of both: `classes` int64 [batch]; `probabilities` float32 [batch, {config.num_classes}];
+Outputs of both: `classes` int64 [batch]; `probabilities` float32 [batch, {classes}];
 `top5_classes` int64, `top5_probabilities` float32, `top5_synsets` and `top5_texts` string,
-each [batch, {min(TOP_K, config.num_classes)}].
+each [batch, {min(TOP_K, classes)}].
 
 ## TensorFlow Serving
 

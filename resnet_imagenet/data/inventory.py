@@ -21,8 +21,8 @@ from collections import defaultdict
 
 from resnet_imagenet import storage
 from resnet_imagenet.data import tfrecord
-from resnet_imagenet.data.convert import MANIFEST_FILE as MANIFEST
-from resnet_imagenet.data.convert import STATE_DIR as CONVERT_STATE
+from resnet_imagenet.data.convert_state import MANIFEST_FILE as MANIFEST
+from resnet_imagenet.data.convert_state import STATE_DIR as CONVERT_STATE
 
 
 def _shard_sets(names: list[str]) -> dict[str, dict[int, set[int]]]:

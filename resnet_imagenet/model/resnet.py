@@ -1,17 +1,17 @@
 """ResNet v1.5 in Keras 3 layers: depths 18, 34, 50, 101, 152, 200, ``channels_last``.
 
-v1.5 is the variant the published 76% top-1 for ResNet-50 refers to: in a bottleneck block the
-stride sits on the 3x3 convolution, not on the first 1x1 (v1), which keeps 3/4 of the information
-the 1x1 would throw away. Convolutions that feed a batch norm have no bias; BN uses the reference's
-momentum 0.997 and epsilon 1e-5 unless told otherwise (short runs want a faster moving average). Strided convolutions pad explicitly and symmetrically, so the result does not
-depend on the input size's parity the way ``padding="same"`` does.
+    model = build_resnet(50, num_classes=1000, image_size=224)   # uint8 [batch, 224, 224, 3]
+    weight_decay_variables(model)                                 # the kernels L2 applies to
 
-The model takes **uint8** images and normalises them itself (the recipe's RGB mean subtraction),
-so the cast and the subtraction run on the accelerator and the input pipeline ships 4x fewer
-bytes. Logits are float32 even under a mixed-precision policy.
+v1.5: a bottleneck block's stride is on its 3x3 convolution. Convolutions that feed a batch norm
+have no bias; BN uses momentum 0.997 and epsilon 1e-5 unless told otherwise. Strided
+convolutions pad explicitly and symmetrically. The model takes **uint8** images and normalises
+them itself (the recipe's RGB mean subtraction); logits are float32 even under a mixed-precision
+policy. docs/training.md says why.
 
-The model never reads files: the training loop, evaluation and export build it from a
-:class:`~resnet_imagenet.config.TrainConfig` and restore weights themselves.
+The model never reads files: the training loop, evaluation and export build it from the
+``model`` settings of :class:`~resnet_imagenet.config.TrainConfig` and restore weights
+themselves.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import logging
 import os
 
 from resnet_imagenet import config as config_lib
-from resnet_imagenet.config import RESNET_DEPTHS, TrainConfig
+from resnet_imagenet.config import RESNET_DEPTHS, SECTIONS, TrainConfig
 from resnet_imagenet.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -81,20 +81,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "at every boundary as one JSON object, then exit; reads no data "
                              "(epoch-based schedules take --num-train-images or DATA/manifest.json)")
     # Defaults are suppressed so that run() can tell the flags given from those left out.
-    defaults = TrainConfig()
-    for field in dataclasses.fields(TrainConfig):
-        default = getattr(defaults, field.name)
-        help_text = f"{HELP[field.name]} (default: {default!r})"
-        kwargs = {"default": argparse.SUPPRESS, "help": help_text, "dest": field.name}
-        if isinstance(default, bool):
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif isinstance(default, list):
-            kwargs.update(nargs="*", type=int, metavar="N")
-        else:
-            kwargs["type"] = type(default)
-        if field.name in ("data_dir", "model_dir"):
-            kwargs["metavar"] = field.name.split("_")[0].upper()
-        parser.add_argument(_flag(field.name), **kwargs)
+    defaults = TrainConfig().to_dict()
+    for section, settings in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} settings")
+        for field in dataclasses.fields(settings):
+            default = defaults[field.name]
+            help_text = f"{HELP[field.name]} (default: {default!r})"
+            kwargs = {"default": argparse.SUPPRESS, "help": help_text, "dest": field.name}
+            if isinstance(default, bool):
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif isinstance(default, list):
+                kwargs.update(nargs="*", type=int, metavar="N")
+            else:
+                kwargs["type"] = type(default)
+            if field.name in ("data_dir", "model_dir"):
+                kwargs["metavar"] = field.name.split("_")[0].upper()
+            group.add_argument(_flag(field.name), **kwargs)
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
@@ -116,19 +118,20 @@ def effective_config(config: TrainConfig) -> dict:
     from resnet_imagenet.training import schedules
 
     config = config.effective()
-    images = config.num_train_images
-    if not images and schedules.needs_epoch_length(config) and config.data_dir:
-        manifest = storage.join(storage.normalize(config.data_dir), labels_lib.MANIFEST)
+    images = config.data.num_train_images
+    if not images and schedules.needs_epoch_length(config.optimization) and config.data.data_dir:
+        manifest = storage.join(storage.normalize(config.data.data_dir), labels_lib.MANIFEST)
         if storage.exists(manifest):
             try:
                 images = int(json.loads(storage.read_text(manifest))["train"]["images"])
             except (ValueError, KeyError, TypeError):
                 images = 0
-    steps_per_epoch = images / config.batch_size if images else None
-    schedule = schedules.build(config, steps_per_epoch)
+    steps_per_epoch = images / config.optimization.batch_size if images else None
+    schedule = schedules.build(config.optimization, steps_per_epoch)
     out = config.to_dict()
     out["learning_rate"] = schedule.peak
-    out["epochs"] = round(config.train_steps / steps_per_epoch, 3) if steps_per_epoch else None
+    out["epochs"] = (round(config.optimization.train_steps / steps_per_epoch, 3)
+                     if steps_per_epoch else None)
     out["schedule"] = schedules.table(schedule)
     return out
 
@@ -147,16 +150,17 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(effective_config(config), sort_keys=True))
         return 0
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-    for name in ("data_dir", "model_dir"):
-        if not getattr(config, name):
+    for name, value in (("data_dir", config.data.data_dir),
+                        ("model_dir", config.runtime.model_dir)):
+        if not value:
             raise UserError(f"{_flag(name)} is required (on the command line or in --config)")
-    from resnet_imagenet.training import loop
+    from resnet_imagenet.training import loop, stopping
 
     try:
         summary = loop.train(config)
-    except loop.RestartRequired as exc:
-        log.warning("%s (exit status %d: retryable)", exc, loop.RETRYABLE_EXIT_CODE)
-        return loop.RETRYABLE_EXIT_CODE
+    except stopping.RestartRequired as exc:
+        log.warning("%s (exit status %d: retryable)", exc, stopping.RETRYABLE_EXIT_CODE)
+        return stopping.RETRYABLE_EXIT_CODE
     validation = summary.get("validation") or {}
     line = (f"trained to step {summary['step']}: loss {summary['loss']:.4f}, "
             f"{summary['images_per_second']:.1f} images/s")

@@ -1,45 +1,15 @@
 """The custom training loop: one code path for one CPU, several GPUs and many workers.
 
-Why a custom loop: Keras 3's ``model.fit`` does not work under MultiWorkerMirroredStrategy
-(keras-team/keras#20585), and a loop of our own makes the recipe explicit -- per-replica loss
-scaled by the global batch, L2 on kernels only, loss scaling, what is checkpointed.
+    summary = train(config)     # every worker of a cluster, the same config; TF_CONFIG tells
+                                # them apart
 
-One step (``strategy.run`` inside a ``tf.function``), per replica:
-
-    logits = model(uint8 images)                       # normalisation happens inside
-    ce     = sum(softmax CE with label smoothing) / global batch
-    l2     = weight_decay * sum(l2_loss(conv/dense kernels)) / replicas
-    grads  = d(ce + l2)/dw   (scaled and unscaled under mixed_float16)
-    optimizer.apply(grads)   # Keras all-reduces (sums) the gradients across replicas
-
-so the summed gradient is exactly that of the global-batch loss. Under float16 loss scaling the
-replicas first all-reduce one flag, "some gradient of mine is not finite", so that every replica
-of every worker skips the step and lowers the scale together (:func:`apply_gradients`). The forward/backward pass is
-XLA-compiled when ``jit_compile`` is on; the all-reduce and the update stay outside XLA, which
-cannot compile MultiWorkerMirroredStrategy's collectives.
-
-Each step also all-reduces a small vector: loss, cross-entropy, L2, correct predictions and a
-"stop" flag. The flag is how SIGTERM is handled: a worker that receives it (a preempted pod)
-raises its flag; after that step every worker sees the sum, all save a checkpoint at the same
-step and exit with :data:`RETRYABLE_EXIT_CODE`, which the training operator's ``ExitCode``
-restart policy treats as retryable. At most the step in flight is lost. Saving needs every
-worker, so no worker can save alone -- hence the agreement through the all-reduce rather than a
-local handler that saves at once.
-
-Batch norm keeps its moving statistics per replica (each from its own batches, as in the
-reference recipe); before every checkpoint and validation they are replaced by their mean over
-all replicas (:func:`average_batch_norm_statistics`), so what is saved and evaluated is the
-average estimate rather than one replica's. Validation runs a float32 copy of the model, as
-``resnet-imagenet evaluate`` and the exported model do.
-
-Exact resume: every example carries its position in its worker's input stream (see
-``data.pipeline``); checkpoints also hold, per replica, the position of the last example it
-consumed, and a resumed worker restarts its stream just after it, so it sees the batches an
-uninterrupted run would have seen.
-
-A worker that vanishes without warning (SIGKILL, a lost node) makes the others' collectives fail
-within seconds; they exit with the same retryable code, and the restarted job resumes from the
-last periodic checkpoint.
+Each step runs :func:`~resnet_imagenet.training.steps.make_train_step`'s step and all-reduces
+the loss, cross-entropy, L2, correct predictions and a stop flag; SIGTERM on any worker raises
+that flag, and every worker then saves at the same step and stops
+(:mod:`~resnet_imagenet.training.stopping`). Before every checkpoint and validation the
+batch-norm moving statistics become their mean over replicas; validation runs float32.
+Checkpoints hold each replica's input position, and a resumed worker restarts its stream just
+after it. docs/training.md says why it works this way.
 """
 
 from __future__ import annotations
@@ -49,8 +19,6 @@ import hashlib
 import json
 import logging
 import math
-import signal
-import threading
 import time
 
 from resnet_imagenet import config as config_lib
@@ -59,274 +27,26 @@ from resnet_imagenet.config import TrainConfig
 from resnet_imagenet.data import labels as labels_lib
 from resnet_imagenet.data import pipeline, tfrecord
 from resnet_imagenet.errors import UserError
-from resnet_imagenet.training import checkpoints, schedules, strategy as strategy_lib
+from resnet_imagenet.training import checkpoints, checks, schedules, steps
+from resnet_imagenet.training import strategy as strategy_lib
+from resnet_imagenet.training.progress import Throughput
+from resnet_imagenet.training.stopping import PeerLost, Preempted, StopSignal, TrainingDiverged
 from resnet_imagenet.training.summaries import Summaries
 
 log = logging.getLogger(__name__)
 
-# 128 + SIGTERM. restartPolicy: ExitCode restarts pods that exit with 128..255 and fails the
-# job on 1..127 (the UserError status 2 included: bad input does not get better by retrying).
-RETRYABLE_EXIT_CODE = 143
 SUMMARY_FILE = "train_summary.json"
 _METRICS = ("loss", "cross_entropy", "l2", "correct", "stop")
-
-
-class RestartRequired(Exception):
-    """Training stopped in a way that a restart of the job resumes from (exit 143)."""
-
-
-class Preempted(RestartRequired):
-    """Training stopped on SIGTERM after saving ``checkpoint`` at ``step``; rerun to resume."""
-
-    def __init__(self, step: int, checkpoint: str):
-        super().__init__(f"stopped by SIGTERM at step {step} after saving {checkpoint}; "
-                         "run the same command again to resume")
-        self.step = step
-        self.checkpoint = checkpoint
-
-
-class PeerLost(RestartRequired):
-    """A collective failed: another worker is gone. Restarting all workers resumes."""
-
-
-class TrainingDiverged(UserError):
-    """The loss became NaN or infinite: the run cannot continue as configured."""
-
-
-class _StopSignal:
-    """Set by SIGTERM, read by the loop once per step. Python signal handlers can only be
-    installed from the main thread; elsewhere (an embedding application) SIGTERM is left alone."""
-
-    def __init__(self):
-        self.requested = False
-
-    def _handler(self, signum, _frame):
-        if not self.requested:
-            log.warning("received %s: saving a checkpoint at the next step boundary",
-                        signal.Signals(signum).name)
-        self.requested = True
-
-    @contextlib.contextmanager
-    def installed(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        previous = signal.signal(signal.SIGTERM, self._handler)
-        try:
-            yield self
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def resolve_precision(setting: str, gpus: list) -> str:
-    """The Keras dtype policy for ``--mixed-precision``: auto = on with GPUs, off on CPU.
-
-    With GPUs, auto picks bfloat16 when every GPU supports it well (compute capability 8.0,
-    Ampere, and newer: no loss scaling needed), float16 with loss scaling otherwise.
-    """
-    if setting == "off" or (setting == "auto" and not gpus):
-        return "float32"
-    if setting == "auto":
-        import tensorflow as tf
-
-        capabilities = [tf.config.experimental.get_device_details(g).get("compute_capability",
-                                                                           (0, 0)) for g in gpus]
-        setting = "bfloat16" if all(c >= (8, 0) for c in capabilities) else "float16"
-    return f"mixed_{setting}"
-
-
-def resolve_jit(setting: str, gpus: list) -> bool:
-    return setting == "on" or (setting == "auto" and bool(gpus))
-
-
-def _check_model_dir(config: TrainConfig) -> None:
-    """Refuse a model directory that holds another model (before anything is written)."""
-    path = storage.join(config.model_dir, "config.json")
-    if not storage.exists(path):
-        return
-    previous = config_lib.load(config.model_dir)
-    for name in ("resnet_size", "num_classes"):
-        if getattr(previous, name) != getattr(config, name):
-            flag = "--" + name.replace("_", "-")
-            raise UserError(
-                f"--model-dir {config.model_dir} holds a model trained with {flag} "
-                f"{getattr(previous, name)}, not {getattr(config, name)}: use a new --model-dir "
-                "or the same setting"
-            )
-
-
-def _check_classes(config: TrainConfig) -> None:
-    label_map = labels_lib.from_data_dir(config.data_dir)
-    if label_map is None:
-        return
-    if len(label_map) > config.num_classes:
-        raise UserError(
-            f"{config.data_dir} has {len(label_map)} classes but --num-classes is "
-            f"{config.num_classes}: pass --num-classes {len(label_map)}"
-        )
-    if len(label_map) < config.num_classes:
-        log.warning("%s has %d classes; the model has %d outputs (--num-classes)",
-                    config.data_dir, len(label_map), config.num_classes)
-
-
-def _check_batch(batch_size: int, replicas: int) -> None:
-    if batch_size % replicas:
-        raise UserError(
-            f"--batch-size {batch_size} (global) does not divide by the {replicas} replicas: "
-            f"use a multiple of {replicas}"
-        )
-
-
-def _format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, seconds = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours:02d}h"
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{seconds:02d}s"
-
-
-class _Throughput:
-    """Step times for images/s and ETA, without the first step (tracing) and pauses
-    (checkpoints, validation), which are not timed at all."""
-
-    def __init__(self, global_batch: int):
-        self.global_batch = global_batch
-        self.interval_steps = self.total_steps = 0
-        self.interval_time = self.total_time = 0.0
-
-    def add(self, seconds: float) -> None:
-        self.interval_steps += 1
-        self.interval_time += seconds
-        self.total_steps += 1
-        self.total_time += seconds
-
-    def images_per_second(self, total: bool = False) -> float:
-        steps, seconds = ((self.total_steps, self.total_time) if total
-                          else (self.interval_steps, self.interval_time))
-        return steps * self.global_batch / seconds if seconds > 0 else 0.0
-
-    def eta(self, remaining_steps: int) -> str:
-        if not self.total_steps:
-            return "?"
-        return _format_duration(remaining_steps * self.total_time / self.total_steps)
-
-    def reset_interval(self) -> None:
-        self.interval_steps, self.interval_time = 0, 0.0
-
-
-def make_eval_step(model, num_classes: int):
-    """A tf.function: (uint8 images, labels) -> (top-1 hits, top-5 hits) for any batch size."""
-    import tensorflow as tf
-
-    k = min(5, num_classes)
-
-    @tf.function(reduce_retracing=True)
-    def eval_step(images, labels):
-        logits = tf.cast(model(images, training=False), tf.float32)
-        top1 = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32),
-                                              labels), tf.int64))
-        top5 = tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, k), tf.int64))
-        return top1, top5
-
-    return eval_step
-
-
-def validate(eval_step, file_pattern: str, batch_size: int, image_size: int) -> dict:
-    """Top-1/top-5 over every image of the matching shards."""
-    hits1 = hits5 = images = 0
-    for batch, labels in pipeline.eval_dataset(file_pattern, batch_size, image_size):
-        top1, top5 = eval_step(batch, labels)
-        hits1 += int(top1)
-        hits5 += int(top5)
-        images += int(labels.shape[0])
-    if not images:
-        return {"top1": 0.0, "top5": 0.0, "images": 0}
-    return {"top1": hits1 / images, "top5": hits5 / images, "images": images}
-
-
-def apply_gradients(optimizer, grads, variables, loss_scaling: bool) -> None:
-    """Apply one replica's gradients (in a replica context), agreeing on skips when scaling.
-
-    Keras' ``LossScaleOptimizer`` decides from the gradients it is given whether to apply them
-    or to skip the step and halve the scale; it is given this replica's own, not-yet-reduced
-    gradients, and under MirroredStrategy it reads the decision of the first replica only
-    (another replica's overflow then reaches the weights as inf/NaN), under
-    MultiWorkerMirroredStrategy each worker decides alone (and their collectives part ways).
-    So first all-reduce one flag, "one of my gradients is not finite", and poison every
-    replica's gradients when any is set: every replica of every worker then sees non-finite
-    gradients, skips the step and lowers the scale -- together.
-    """
-    if loss_scaling:
-        grads = _non_finite_everywhere_if_anywhere(grads)
-    optimizer.apply(grads, variables)
-
-
-def _non_finite_everywhere_if_anywhere(grads: list) -> list:
-    import tensorflow as tf
-
-    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
-    bad_here = tf.cast(tf.logical_not(finite), tf.float32)
-    bad_anywhere = tf.distribute.get_replica_context().all_reduce(
-        tf.distribute.ReduceOp.SUM, bad_here)
-    poison = tf.where(bad_anywhere > 0, float("nan"), 0.0)
-    return [g + tf.cast(poison, g.dtype) for g in grads]
-
-
-def batch_norm_statistics(model) -> list:
-    """The moving means and variances of every batch-norm layer of ``model``."""
-    import keras
-
-    return [v for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
-            for v in (layer.moving_mean, layer.moving_variance)]
-
-
-def make_batch_norm_average(strategy, model):
-    """A tf.function that sets each replica's batch-norm moving statistics to their mean over
-    all replicas (of all workers: every worker must call it, like any collective)."""
-    import tensorflow as tf
-
-    statistics = batch_norm_statistics(model)
-
-    def average():
-        context = tf.distribute.get_replica_context()
-        # tf.identity: this replica's values as plain tensors (under MultiWorkerMirroredStrategy
-        # an all-reduce of the variables themselves has no destinations).
-        means = context.all_reduce(tf.distribute.ReduceOp.MEAN,
-                                   [tf.identity(v.value) for v in statistics])
-        for variable, mean in zip(statistics, means):
-            variable.assign(mean)
-
-    @tf.function
-    def average_batch_norm_statistics():
-        strategy.run(average)
-
-    return average_batch_norm_statistics
-
-
-def _bad_label_error(exc) -> UserError | None:
-    """The one-line error for the pipeline's bad-label stop, or None for any other error."""
-    match = pipeline.BAD_LABEL_RE.search(getattr(exc, "message", "") or str(exc))
-    if not match:
-        return None
-    label, classes, path = int(match.group(1)), int(match.group(2)), match.group(3)
-    return UserError(
-        f"training shard {path} holds a record with label {label}, outside 1..{classes}: "
-        "labels are 1..N (0 is unused); pass --num-classes N for data with N classes, or "
-        "convert the data again")
 
 
 def train(config: TrainConfig) -> dict:
     """Train as ``config`` says, resuming from ``MODEL/checkpoints``; returns the summary.
 
     Every worker of a cluster runs this with the same config; ``TF_CONFIG`` tells them apart.
-    Raises :class:`Preempted` after a SIGTERM-triggered checkpoint, :class:`PeerLost` when
-    another worker vanished (both :class:`RestartRequired`: rerun to resume),
-    :class:`TrainingDiverged` on a non-finite loss, :class:`UserError` on bad input (before
-    any training).
+    Raises (from :mod:`~resnet_imagenet.training.stopping`) ``Preempted`` after a
+    SIGTERM-triggered checkpoint, ``PeerLost`` when another worker vanished (both
+    ``RestartRequired``: rerun to resume), ``TrainingDiverged`` on a non-finite loss;
+    :class:`UserError` on bad input (before any training).
     """
     import keras
 
@@ -340,23 +60,23 @@ def train(config: TrainConfig) -> dict:
 class _Trainer:
     def __init__(self, config: TrainConfig):
         config = config.validate().effective()
-        if not config.data_dir or not config.model_dir:
+        if not config.data.data_dir or not config.runtime.model_dir:
             raise UserError("--data-dir and --model-dir are required")
-        self.config = config.updated(data_dir=storage.normalize(config.data_dir),
-                                     model_dir=storage.normalize(config.model_dir))
+        self.config = config.updated(data_dir=storage.normalize(config.data.data_dir),
+                                     model_dir=storage.normalize(config.runtime.model_dir))
         # Everything that can be refused is checked before a server starts or a file is written.
         strategy_lib.ensure_tf_config()  # under Trainer v2, from what JobSet gives the pod
         self.cluster = strategy_lib.cluster_from_env()
-        self.train_pattern = tfrecord.shard_pattern(self.config.data_dir, "train")
+        self.train_pattern = tfrecord.shard_pattern(self.config.data.data_dir, "train")
         files = pipeline.list_files(self.train_pattern)
-        if not self.config.data_service:
+        if not self.config.data.data_service:
             pipeline.shard_files(files, self.cluster.num_workers, self.cluster.worker_id)
         # Every worker has the same devices, so the replica count is known before the strategy
         # starts (which, multi-worker, waits for the whole cluster).
         replicas = self.cluster.num_workers * max(1, len(strategy_lib.local_gpus()))
-        _check_batch(self.config.batch_size, replicas)
-        _check_model_dir(self.config)
-        _check_classes(self.config)
+        checks.check_batch(self.config.optimization.batch_size, replicas)
+        checks.check_model_dir(self.config)
+        checks.check_classes(self.config)
 
     # --- setup --------------------------------------------------------------------------
 
@@ -369,48 +89,51 @@ class _Trainer:
         config, cluster = self.config, self.cluster
         self.strategy = strategy_lib.make_strategy(cluster)
         self.replicas = self.strategy.num_replicas_in_sync
-        _check_batch(config.batch_size, self.replicas)
+        checks.check_batch(config.optimization.batch_size, self.replicas)
         gpus = strategy_lib.local_gpus()
-        self.precision = resolve_precision(config.mixed_precision, gpus)
-        self.jit = resolve_jit(config.jit_compile, gpus)
+        self.precision = checks.resolve_precision(config.runtime.mixed_precision, gpus)
+        self.jit = checks.resolve_jit(config.runtime.jit_compile, gpus)
         keras.mixed_precision.set_global_policy(self.precision)
 
-        self.num_train_images = config.num_train_images or pipeline.split_size(config.data_dir)
-        self.steps_per_epoch = self.num_train_images / config.batch_size
-        self.schedule = schedules.build(config, self.steps_per_epoch)
+        self.num_train_images = (config.data.num_train_images
+                                 or pipeline.split_size(config.data.data_dir))
+        self.steps_per_epoch = self.num_train_images / config.optimization.batch_size
+        self.schedule = schedules.build(config.optimization, self.steps_per_epoch)
 
+        net = config.model
         with self.strategy.scope():
-            self.model = build_resnet(config.resnet_size, config.num_classes, config.image_size,
-                                      config.zero_init_residual, bn_momentum=config.bn_momentum,
-                                      bn_epsilon=config.bn_epsilon)
+            self.model = build_resnet(net.resnet_size, net.num_classes, net.image_size,
+                                      net.zero_init_residual, bn_momentum=net.bn_momentum,
+                                      bn_epsilon=net.bn_epsilon)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch",
                                      aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             sgd = keras.optimizers.SGD(learning_rate=lambda: self.schedule(self.step),
-                                       momentum=config.momentum)
+                                       momentum=config.optimization.momentum)
             self.optimizer = (keras.optimizers.LossScaleOptimizer(sgd)
                               if self.precision == "mixed_float16" else sgd)
             # Keras 3 creates optimizer variables lazily; build them now so a restore fills
             # them instead of being deferred (and silently dropped).
             self.optimizer.build(self.model.trainable_variables)
         self.decay_variables = weight_decay_variables(self.model)
-        self.average_batch_norm = make_batch_norm_average(self.strategy, self.model)
+        self.average_batch_norm = steps.make_batch_norm_average(self.strategy, self.model)
         # Per replica, (epoch, index) of the last example it consumed: where to resume. Saved,
         # not restored (a checkpoint of another replica count has another shape): read back
         # by _restore.
         self.input_positions = tf.Variable(
             tf.fill([self.replicas, 2], tf.constant(-1.0, tf.float64)), trainable=False,
             name="input_positions")
-        self.gather_positions = self._make_gather_positions()
+        self.gather_positions = steps.make_gather_positions(self.strategy)
         # The plain SGD is checkpointed (momentum buffers), not the loss-scale wrapper: a run
         # can then resume under another precision; the loss scale re-adapts within steps.
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=sgd, step=self.step,
                                               epoch=self.epoch)
         saved = tf.train.Checkpoint(model=self.model, optimizer=sgd, step=self.step,
                                     epoch=self.epoch, input_positions=self.input_positions)
-        self.writer = checkpoints.CheckpointWriter(saved, config.model_dir,
-                                                   cluster.is_chief, config.keep_checkpoints)
+        self.writer = checkpoints.CheckpointWriter(saved, config.runtime.model_dir,
+                                                   cluster.is_chief,
+                                                   config.runtime.keep_checkpoints)
 
     def _restore(self) -> str | None:
         """Restore the latest checkpoint, if any; sets where this worker's input resumes."""
@@ -422,14 +145,15 @@ class _Trainer:
         if latest is None:
             log.info("no checkpoint in %s: starting from scratch", self.writer.directory)
             return None
-        what = f"ResNet-{self.config.resnet_size} with {self.config.num_classes} classes"
+        net = self.config.model
+        what = f"ResNet-{net.resnet_size} with {net.num_classes} classes"
         checkpoints.restore(self.checkpoint, self.model, latest, what)
         self.input_start = (int(self.epoch.numpy()), 0)
         reader = tf.train.load_checkpoint(latest)
         key = "input_positions/.ATTRIBUTES/VARIABLE_VALUE"
         positions = reader.get_tensor(key) if reader.has_tensor(key) else None
         mine = self.cluster.worker_id * (self.replicas // self.cluster.num_workers)
-        if self.config.data_service:
+        if self.config.data.data_service:
             log.info("input from a tf.data service: resuming at the start of epoch %d",
                      self.input_start[0])
         elif positions is None or positions.shape != (self.replicas, 2) or positions[mine][0] < 0:
@@ -443,96 +167,25 @@ class _Trainer:
                  int(self.step.numpy()), *self.input_start)
         return latest
 
-    def _make_gather_positions(self):
-        """A tf.function: this worker's last input position -> every replica's, [replicas, 2]."""
-        import tensorflow as tf
-
-        strategy = self.strategy
-
-        def gather(position):
-            return tf.distribute.get_replica_context().all_gather(position[None], axis=0)
-
-        @tf.function
-        def gather_positions(position):
-            gathered = strategy.run(gather, args=(position,))
-            return strategy.experimental_local_results(gathered)[0]
-
-        return gather_positions
-
     def _dataset(self, start_epoch: int, skip: int):
-        config = self.config
+        data, config = self.config.data, self.config
         # One tf.data service job per run (the model directory names the run), shared by its
         # workers; restarted workers rejoin it.
-        job = "resnet-imagenet-" + hashlib.sha256(config.model_dir.encode()).hexdigest()[:16]
+        job = "resnet-imagenet-" + hashlib.sha256(
+            config.runtime.model_dir.encode()).hexdigest()[:16]
 
         def dataset_fn(context):
             return pipeline.train_dataset(
-                self.train_pattern, context.get_per_replica_batch_size(config.batch_size),
-                config.image_size, input_context=context, shuffle_buffer=config.shuffle_buffer,
-                seed=config.seed, start_epoch=start_epoch, skip=skip, with_positions=True,
-                num_classes=config.num_classes, data_service=config.data_service,
-                data_service_job=job, min_crop_area=config.min_crop_area,
-                random_flip=config.random_flip,
+                self.train_pattern,
+                context.get_per_replica_batch_size(config.optimization.batch_size),
+                config.model.image_size, input_context=context, shuffle_buffer=data.shuffle_buffer,
+                seed=data.seed, start_epoch=start_epoch, skip=skip, with_positions=True,
+                num_classes=config.model.num_classes, data_service=data.data_service,
+                data_service_job=job, min_crop_area=data.min_crop_area,
+                random_flip=data.random_flip,
             )
 
         return self.strategy.distribute_datasets_from_function(dataset_fn)
-
-    # --- the step ------------------------------------------------------------------------
-
-    def _make_train_step(self):
-        import tensorflow as tf
-
-        config, model, optimizer = self.config, self.model, self.optimizer
-        strategy, replicas = self.strategy, self.replicas
-        loss_scaling = self.precision == "mixed_float16"
-        smoothing, classes = config.label_smoothing, config.num_classes
-
-        @tf.function(jit_compile=self.jit)
-        def forward_backward(images, labels):
-            with tf.GradientTape() as tape:
-                logits = tf.cast(model(images, training=True), tf.float32)
-                targets = tf.one_hot(labels, classes) * (1.0 - smoothing) + smoothing / classes
-                per_example = tf.nn.softmax_cross_entropy_with_logits(targets, logits)
-                cross_entropy = tf.nn.compute_average_loss(
-                    per_example, global_batch_size=config.batch_size)
-                l2 = config.weight_decay * tf.add_n(
-                    [tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in self.decay_variables])
-                l2 = l2 / replicas
-                loss = cross_entropy + l2
-                scaled = optimizer.scale_loss(loss) if loss_scaling else loss
-            grads = tape.gradient(scaled, model.trainable_variables)
-            correct = tf.reduce_sum(tf.cast(
-                tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
-            return grads, tf.stack([loss, cross_entropy, l2, correct])
-
-        def replica_step(images, labels, positions, stop):
-            grads, metrics = forward_backward(images, labels)
-            apply_gradients(optimizer, grads, model.trainable_variables, loss_scaling)
-            return tf.concat([metrics, [stop]], axis=0), tf.reduce_max(positions)
-
-        @tf.function
-        def train_step(iterator, stop):
-            images, labels, positions = next(iterator)
-            per_replica, last = strategy.run(replica_step, args=(images, labels, positions, stop))
-            totals = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-            self.step.assign_add(1)
-            # This worker's replicas' last positions: their maximum is where its stream is.
-            return totals, tf.reduce_max(tf.stack(strategy.experimental_local_results(last)))
-
-        return train_step
-
-    def _make_barrier(self):
-        """A no-op all-reduce: returns on every worker once all have reached it."""
-        import tensorflow as tf
-
-        strategy = self.strategy
-
-        @tf.function
-        def barrier():
-            ones = strategy.run(lambda: tf.constant(1.0))
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, ones, axis=None)
-
-        return barrier
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -548,7 +201,7 @@ class _Trainer:
 
     def _save(self, step: int) -> str:
         self._sync_replicas()
-        self.epoch.assign(step * self.config.batch_size // self.num_train_images)
+        self.epoch.assign(step * self.config.optimization.batch_size // self.num_train_images)
         path = self.writer.save(step)
         log.info("checkpoint %s (epoch %d)", path, int(self.epoch.numpy()))
         return path
@@ -558,10 +211,11 @@ class _Trainer:
         if not self.cluster.is_chief or not self.validation_pattern:
             return None
         start = time.perf_counter()
-        batch = max(1, self.config.batch_size // self.cluster.num_workers)
+        batch = max(1, self.config.optimization.batch_size // self.cluster.num_workers)
         if self.eval_model is not self.model:  # a float32 copy of the mixed-precision model
             self.eval_model.set_weights([v.numpy() for v in self.model.weights])
-        result = validate(self.eval_step, self.validation_pattern, batch, self.config.image_size)
+        result = steps.validate(self.eval_step, self.validation_pattern, batch,
+                                self.config.model.image_size)
         result["precision"] = "float32"
         self.summaries.validation(step, top1=result["top1"], top5=result["top5"])
         log.info("validation (float32) at step %d: top-1 %.4f, top-5 %.4f over %d images "
@@ -573,16 +227,17 @@ class _Trainer:
         config, cluster = self.config, self.cluster
         self._build()
         resumed_from = self._restore()
-        self.summaries = Summaries(config.model_dir, cluster.is_chief)
+        self.summaries = Summaries(config.runtime.model_dir, cluster.is_chief)
         if cluster.is_chief:
-            storage.makedirs(config.model_dir)
-            config_lib.save(config, config.model_dir)
-            labels_lib.copy_to_model(config.data_dir, config.model_dir, config.num_classes)
-        validation_pattern = tfrecord.shard_pattern(config.data_dir, "validation")
+            storage.makedirs(config.runtime.model_dir)
+            config_lib.save(config, config.runtime.model_dir)
+            labels_lib.copy_to_model(config.data.data_dir, config.runtime.model_dir,
+                                     config.model.num_classes)
+        validation_pattern = tfrecord.shard_pattern(config.data.data_dir, "validation")
         self.validation_pattern = validation_pattern if storage.glob(validation_pattern) else ""
         if cluster.is_chief and not self.validation_pattern:
             log.warning("no validation shards in %s: no validation during training",
-                        config.data_dir)
+                        config.data.data_dir)
         # Validation runs float32, as `resnet-imagenet evaluate` and the SavedModel do: under
         # mixed precision, on a float32 copy that takes the weights before each validation.
         self.eval_model = self.model
@@ -590,16 +245,17 @@ class _Trainer:
             from resnet_imagenet import evaluation
 
             self.eval_model = evaluation.build_model(config)
-        self.eval_step = make_eval_step(self.eval_model, config.num_classes)
-        self.barrier = self._make_barrier()
+        self.eval_step = steps.make_eval_step(self.eval_model, config.model.num_classes)
+        self.barrier = steps.make_barrier(self.strategy)
         self.start_step = self.current_step = int(self.step.numpy())
         log.info("ResNet-%d, %d classes, %dx%d images; global batch %d over %d replica(s) on "
                  "%d worker(s); %s; %s, XLA %s; %d images per epoch",
-                 config.resnet_size, config.num_classes, config.image_size, config.image_size,
-                 config.batch_size, self.replicas, cluster.num_workers, self.schedule.describe(),
-                 self.precision, "on" if self.jit else "off", self.num_train_images)
+                 config.model.resnet_size, config.model.num_classes, config.model.image_size,
+                 config.model.image_size, config.optimization.batch_size, self.replicas,
+                 cluster.num_workers, self.schedule.describe(), self.precision,
+                 "on" if self.jit else "off", self.num_train_images)
         started = time.perf_counter()
-        throughput = _Throughput(config.batch_size)
+        throughput = Throughput(config.optimization.batch_size)
         try:
             with self._peers_watched():
                 metrics, last_saved = self._loop(throughput, resumed_from is not None)
@@ -621,11 +277,11 @@ class _Trainer:
             "loss": metrics["loss"],
             "cross_entropy": metrics["cross_entropy"],
             "l2": metrics["l2"],
-            "train_top1": metrics["correct"] / config.batch_size,
+            "train_top1": metrics["correct"] / config.optimization.batch_size,
             "learning_rate": float(self.schedule(max(step - 1, 0))),
             "images_per_second": round(throughput.images_per_second(total=True), 2),
             "elapsed_seconds": round(time.perf_counter() - started, 2),
-            "global_batch_size": config.batch_size,
+            "global_batch_size": config.optimization.batch_size,
             "num_replicas": self.replicas,
             "num_workers": cluster.num_workers,
             "worker": cluster.worker_id,
@@ -638,27 +294,31 @@ class _Trainer:
             "weights_sha256": fingerprint,
         }
         if cluster.is_chief:
-            storage.write_text(storage.join(config.model_dir, SUMMARY_FILE),
+            storage.write_text(storage.join(config.runtime.model_dir, SUMMARY_FILE),
                                json.dumps(summary, indent=2) + "\n")
         return summary
 
-    def _loop(self, throughput: _Throughput, resumed: bool) -> tuple[dict, int]:
+    def _loop(self, throughput: Throughput, resumed: bool) -> tuple[dict, int]:
         """Steps until ``train_steps``; returns the last step's metrics and the last saved step."""
         import tensorflow as tf
 
-        config = self.config
+        optimization, runtime = self.config.optimization, self.config.runtime
         iterator = iter(self._dataset(*self.input_start))
-        train_step = self._make_train_step()
-        stop = _StopSignal()
+        train_step = steps.make_train_step(
+            self.strategy, self.model, self.optimizer, self.decay_variables, self.step,
+            global_batch_size=optimization.batch_size, num_classes=self.config.model.num_classes,
+            label_smoothing=optimization.label_smoothing, weight_decay=optimization.weight_decay,
+            loss_scaling=self.precision == "mixed_float16", jit_compile=self.jit)
+        stop = StopSignal()
         last_saved = self.current_step if resumed else -1
         metrics = dict.fromkeys(_METRICS, float("nan"))
         with stop.installed():
-            while self.current_step < config.train_steps:
+            while self.current_step < optimization.train_steps:
                 tick = time.perf_counter()
                 try:
                     totals, position = train_step(iterator, tf.constant(float(stop.requested)))
                 except tf.errors.InvalidArgumentError as exc:
-                    error = _bad_label_error(exc)
+                    error = checks.bad_label_error(exc)
                     if error is None:
                         raise
                     raise error from None
@@ -674,16 +334,16 @@ class _Trainer:
                         f"the loss is {metrics['loss']} at step {step}: training diverged; "
                         "lower --base-learning-rate or add --warmup-epochs, then resume or restart"
                     )
-                if step % config.log_every == 0 or step == config.train_steps:
+                if step % runtime.log_every == 0 or step == optimization.train_steps:
                     self._log_step(step, metrics, throughput)
                 if metrics["stop"] > 0:
                     path = self._save(step)
                     self.barrier()  # every worker has saved before any exits
                     raise Preempted(step, path)
-                if config.checkpoint_every and step % config.checkpoint_every == 0:
+                if runtime.checkpoint_every and step % runtime.checkpoint_every == 0:
                     last_saved, _ = step, self._save(step)
-                if (config.eval_every and step % config.eval_every == 0
-                        and step < config.train_steps):
+                if (runtime.eval_every and step % runtime.eval_every == 0
+                        and step < optimization.train_steps):
                     self._sync_replicas()  # every worker: a collective
                     self._validate(step)
         return metrics, last_saved
@@ -707,14 +367,15 @@ class _Trainer:
                 "job resumes from the last checkpoint"
             ) from None
 
-    def _log_step(self, step: int, metrics: dict, throughput: _Throughput) -> None:
+    def _log_step(self, step: int, metrics: dict, throughput: Throughput) -> None:
+        optimization = self.config.optimization
         lr = float(self.schedule(step - 1))
-        top1 = metrics["correct"] / self.config.batch_size
+        top1 = metrics["correct"] / optimization.batch_size
         images_per_second = throughput.images_per_second()
         log.info("step %d/%d  loss %.4f (ce %.4f, l2 %.4f)  lr %.5g  top-1 %.3f  "
-                 "%.1f images/s  eta %s", step, self.config.train_steps, metrics["loss"],
+                 "%.1f images/s  eta %s", step, optimization.train_steps, metrics["loss"],
                  metrics["cross_entropy"], metrics["l2"], lr, top1, images_per_second,
-                 throughput.eta(self.config.train_steps - step))
+                 throughput.eta(optimization.train_steps - step))
         self.summaries.train(step, loss=metrics["loss"], cross_entropy=metrics["cross_entropy"],
                              l2=metrics["l2"], learning_rate=lr, top1=top1,
                              images_per_second=images_per_second)

@@ -1,9 +1,10 @@
 """Learning-rate schedules: the reference recipe and the large-batch recipe.
 
-Reference (the defaults of :class:`~resnet_imagenet.config.TrainConfig`): 0.1 for a global batch
-of 256, multiplied by 0.1 at steps 150k, 300k, 400k and 450k, 500k steps in all. By default the
-rate scales linearly with the global batch and the recipe keeps its epochs: at batch 1024, 0.4,
-boundaries at 37.5k, 75k, 100k and 112.5k steps, 125k steps (``TrainConfig.effective``);
+Reference (``config.RECIPES["reference"]``, the defaults of
+:class:`~resnet_imagenet.config.TrainConfig`): 0.1 for a global batch of 256, multiplied by 0.1
+at steps 150k, 300k, 400k and 450k, 500k steps in all. By default the rate scales linearly with
+the global batch and the recipe keeps its epochs: at batch 1024, 0.4, boundaries at 37.5k, 75k,
+100k and 112.5k steps, 125k steps (``OptimizationSettings.effective``);
 ``--no-scale-lr-with-batch`` keeps 0.1 and the reference's steps whatever the batch.
 
 Large batch (Goyal et al., "Accurate, Large Minibatch SGD"): the rate scales linearly with the
@@ -13,6 +14,10 @@ need the number of training images to become steps.
 
 The schedule is a function of the global step (the number of updates already applied), so the
 update of step ``s`` uses ``lr(s)``: ``lr(149_999) = 0.1`` and ``lr(150_000) = 0.01``.
+
+    schedule = build(config.optimization, steps_per_epoch)
+    schedule(step)          # float32 tensor, inside the training step
+    schedule.value(step)    # float64, no TensorFlow
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from resnet_imagenet.config import REFERENCE_BATCH, TrainConfig
+from resnet_imagenet.config import REFERENCE, OptimizationSettings
 from resnet_imagenet.errors import UserError
 
 
@@ -74,20 +79,20 @@ class Schedule:
         return text + f", {self.total_steps} steps"
 
 
-def needs_epoch_length(config: TrainConfig) -> bool:
+def needs_epoch_length(config: OptimizationSettings) -> bool:
     """Whether building the schedule needs the number of steps per epoch."""
     config = config.effective()
     uses_boundaries = config.lr_schedule == "step" and bool(config.lr_boundaries)
     return config.warmup_epochs > 0 or (config.boundaries_unit == "epochs" and uses_boundaries)
 
 
-def peak_learning_rate(config: TrainConfig) -> float:
+def peak_learning_rate(config: OptimizationSettings) -> float:
     if config.scale_lr_with_batch:
-        return config.base_learning_rate * config.batch_size / REFERENCE_BATCH
+        return config.base_learning_rate * config.batch_size / REFERENCE.batch_size
     return config.base_learning_rate
 
 
-def build(config: TrainConfig, steps_per_epoch: float | None = None) -> Schedule:
+def build(config: OptimizationSettings, steps_per_epoch: float | None = None) -> Schedule:
     """The schedule ``config`` asks for; ``steps_per_epoch`` when epochs are involved."""
     config = config.effective()
     if needs_epoch_length(config) and not steps_per_epoch:

@@ -31,7 +31,7 @@ import uuid
 import pytest
 import yaml
 
-from tests.unit.test_manifests import MANIFESTS, kubectl
+from tests.support.manifests import MANIFESTS, kubectl
 
 pytestmark = pytest.mark.e2e
 

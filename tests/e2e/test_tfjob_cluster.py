@@ -33,7 +33,7 @@ from resnet_imagenet import cli
 from resnet_imagenet.launch import lifecycle, tfjob
 from resnet_imagenet.launch.lifecycle.client import connect
 from resnet_imagenet.launch.options import DEFAULT_IMAGE
-from tests.unit.test_manifests import kubectl
+from tests.support.manifests import kubectl
 
 pytestmark = pytest.mark.e2e
 

@@ -10,7 +10,7 @@ import pytest
 from resnet_imagenet import storage
 from resnet_imagenet.data import convert, sample
 from tests.support.gcs import gcs_client
-from tests.unit.test_convert import SHARDS, tree
+from tests.support.conversion import SHARDS, tree
 
 pytestmark = pytest.mark.gcs
 

@@ -46,22 +46,24 @@ def test_precedence_defaults_then_yaml_then_flags(tmp_path):
     )
     config = resolve(["--config", str(yaml_file), "--resnet-size", "18", "--lr-boundaries", "10",
                       "20", "--label-smoothing", "0.1", "--data-dir", "gs://b/data"])
-    assert config.resnet_size == 18  # flag over YAML
-    assert config.lr_boundaries == [10, 20]  # flag over YAML
-    assert config.batch_size == 1024 and config.boundaries_unit == "epochs"  # YAML
-    assert config.warmup_epochs == 5.0 and config.random_flip is False  # YAML, typed
-    assert config.label_smoothing == 0.1 and config.data_dir == "gs://b/data"  # flags
-    assert config.momentum == 0.9 and config.train_steps == 0  # defaults (0: the recipe)
-    assert config.effective().train_steps == 125_000  # the recipe's 500k steps at batch 256
+    optimization = config.optimization
+    assert config.model.resnet_size == 18  # flag over YAML
+    assert optimization.lr_boundaries == [10, 20]  # flag over YAML
+    assert optimization.batch_size == 1024 and optimization.boundaries_unit == "epochs"  # YAML
+    assert optimization.warmup_epochs == 5.0 and config.data.random_flip is False  # YAML, typed
+    assert optimization.label_smoothing == 0.1 and config.data.data_dir == "gs://b/data"  # flags
+    assert optimization.momentum == 0.9 and optimization.train_steps == 0  # defaults (0: recipe)
+    # the recipe's 500k steps at batch 256
+    assert config.effective().optimization.train_steps == 125_000
 
 
 def test_boolean_flags_go_both_ways(tmp_path):
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("zero_init_residual: true\n")
-    assert resolve(["--config", str(yaml_file)]).zero_init_residual is True
-    assert resolve(["--config", str(yaml_file), "--no-zero-init-residual"]).zero_init_residual \
-        is False
-    assert resolve(["--no-random-flip"]).random_flip is False
+    assert resolve(["--config", str(yaml_file)]).model.zero_init_residual is True
+    assert resolve(["--config", str(yaml_file),
+                    "--no-zero-init-residual"]).model.zero_init_residual is False
+    assert resolve(["--no-random-flip"]).data.random_flip is False
 
 
 @pytest.mark.parametrize("text, match", [

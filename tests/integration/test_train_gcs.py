@@ -33,9 +33,9 @@ def test_train_and_resume_on_gcs(demo_raw, tmp_path, gcs_bucket):
     data_dir, model_dir = f"{gcs_bucket}/tfrecords", f"{gcs_bucket}/runs/1/model"
     storage.copy_tree(local, data_dir)
 
-    config = TrainConfig(data_dir=data_dir, model_dir=model_dir, resnet_size=18, image_size=32,
-                         num_classes=10, batch_size=8, train_steps=2, checkpoint_every=1,
-                         log_every=1, shuffle_buffer=32)
+    config = TrainConfig().updated(data_dir=data_dir, model_dir=model_dir, resnet_size=18,
+                                   image_size=32, num_classes=10, batch_size=8, train_steps=2,
+                                   checkpoint_every=1, log_every=1, shuffle_buffer=32)
     first = loop.train(config)
     assert first["checkpoint"] == f"{model_dir}/checkpoints/ckpt-2"
 
@@ -56,4 +56,5 @@ def test_train_and_resume_on_gcs(demo_raw, tmp_path, gcs_bucket):
 
 def test_no_shards_in_the_bucket(gcs_bucket):
     with pytest.raises(UserError, match=f"no TFRecord shards match {gcs_bucket}/nothing/"):
-        loop.train(TrainConfig(data_dir=f"{gcs_bucket}/nothing", model_dir=f"{gcs_bucket}/m"))
+        loop.train(TrainConfig().updated(data_dir=f"{gcs_bucket}/nothing",
+                                         model_dir=f"{gcs_bucket}/m"))

@@ -28,9 +28,9 @@ import pytest
 import tensorflow as tf
 
 from resnet_imagenet.model.resnet import build_resnet
-from resnet_imagenet.training import checkpoints, loop
-from tests.integration.test_train_single import read_scalars
+from resnet_imagenet.training import checkpoints, loop, stopping
 from tests.support.shards import make_shards
+from tests.support.training import read_scalars
 
 pytestmark = pytest.mark.slow
 
@@ -140,7 +140,7 @@ def test_killed_then_preempted_workers_resume_without_losing_steps(data_dir, tmp
     first.wait_for(0, r"checkpoint \S+ckpt-2 ")
     first.wait_for(1, r"step 3/1000")
     first.procs[1].send_signal(signal.SIGKILL)
-    assert first.wait() == [loop.RETRYABLE_EXIT_CODE, -signal.SIGKILL], first.tails()
+    assert first.wait() == [stopping.RETRYABLE_EXIT_CODE, -signal.SIGKILL], first.tails()
     assert "lost contact with the other workers" in first.log(0)
     last_periodic = int(tf.train.latest_checkpoint(ckpt_dir).rsplit("-", 1)[1])
     assert last_periodic >= 2 and last_periodic % 2 == 0
@@ -152,7 +152,7 @@ def test_killed_then_preempted_workers_resume_without_losing_steps(data_dir, tmp
         second.wait_for(index, rf"resumed from \S+ckpt-{last_periodic}: step {last_periodic}")
     second.wait_for(1, rf"step {last_periodic + 1}/1000")
     second.procs[1].send_signal(signal.SIGTERM)
-    assert second.wait() == [loop.RETRYABLE_EXIT_CODE] * 2, second.tails()
+    assert second.wait() == [stopping.RETRYABLE_EXIT_CODE] * 2, second.tails()
     stops = [re.search(r"stopped by SIGTERM at step (\d+) after saving (\S+);", second.log(i))
              for i in range(2)]
     assert all(stops), second.tails()

@@ -5,7 +5,6 @@ Everything runs for real on the demo dataset's shards (ResNet-18, 32x32 images, 
 
 from __future__ import annotations
 
-import collections
 import glob
 import json
 import os
@@ -21,8 +20,9 @@ from resnet_imagenet.data import labels as labels_lib
 from resnet_imagenet.data import tfrecord
 from resnet_imagenet.errors import UserError
 from resnet_imagenet.model.resnet import build_resnet, weight_decay_variables
-from resnet_imagenet.training import checkpoints, loop
+from resnet_imagenet.training import checkpoints, loop, stopping
 from tests.support.shards import make_shards
+from tests.support.training import read_scalars
 
 TINY = dict(resnet_size=18, image_size=32, num_classes=10, batch_size=16, shuffle_buffer=64,
             log_every=1, seed=0, scale_lr_with_batch=False)
@@ -56,18 +56,8 @@ def two_digits(data_dir, tmp_path_factory) -> str:
 
 
 def tiny(data_dir: str, model_dir, **changes) -> TrainConfig:
-    return TrainConfig(data_dir=data_dir, model_dir=str(model_dir), **{**TINY, **changes})
-
-
-def read_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(step, value), ...]} from the TensorBoard event files of one directory."""
-    out = collections.defaultdict(list)
-    for path in sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))):
-        for raw in tf.data.TFRecordDataset(path):
-            event = tf.compat.v1.Event.FromString(raw.numpy())
-            for value in event.summary.value:
-                out[value.tag].append((event.step, float(tf.make_ndarray(value.tensor))))
-    return dict(out)
+    return TrainConfig().updated(data_dir=data_dir, model_dir=str(model_dir),
+                                 **{**TINY, **changes})
 
 
 def checkpoint_value(path: str, name: str) -> int:
@@ -175,7 +165,7 @@ def test_xla_compiled_steps(data_dir, tmp_path):
 
 
 def test_a_diverging_loss_stops_training_naming_the_step(data_dir, tmp_path):
-    with pytest.raises(loop.TrainingDiverged, match=r"the loss is (nan|inf) at step \d+"):
+    with pytest.raises(stopping.TrainingDiverged, match=r"the loss is (nan|inf) at step \d+"):
         loop.train(tiny(data_dir, tmp_path / "model", train_steps=20, batch_size=8,
                         base_learning_rate=1e30))
 
@@ -200,7 +190,7 @@ def refused(config: TrainConfig, match: str) -> str:
         loop.train(config)
     message = str(info.value)
     assert "\n" not in message
-    assert not os.path.exists(config.model_dir), "nothing may be written"
+    assert not os.path.exists(config.runtime.model_dir), "nothing may be written"
     return message
 
 
@@ -241,7 +231,7 @@ def test_more_classes_in_the_data_than_outputs(data_dir, tmp_path):
 def test_checkpoint_of_another_depth(one_step, tmp_path):
     model_dir = tmp_path / "copy"
     shutil.copytree(one_step[0], model_dir)
-    data_dir = config_lib.load(str(model_dir)).data_dir
+    data_dir = config_lib.load(str(model_dir)).data.data_dir
     with pytest.raises(UserError, match="--resnet-size 18, not 34"):
         loop.train(tiny(data_dir, model_dir, resnet_size=34, train_steps=2, batch_size=8))
     # Without config.json (copied checkpoints, say) the checkpoint itself is checked.

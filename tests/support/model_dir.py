@@ -109,7 +109,7 @@ def make_model_dir(model_dir: str, data_dir: str, depth: int = 18, image_size: i
     for images, targets in _train_dataset(data_dir, image_size, batch_size, seed).take(steps):
         train_step(images, targets)
 
-    config = config_lib.TrainConfig(
+    config = config_lib.TrainConfig().updated(
         data_dir=data_dir, model_dir=model_dir, image_size=image_size, num_classes=num_classes,
         resnet_size=depth, batch_size=batch_size, train_steps=steps, lr_boundaries=[],
         bn_momentum=0.9,
@@ -126,7 +126,8 @@ def add_checkpoint(model_dir: str, step: int) -> str:
     from resnet_imagenet.model.resnet import build_resnet
 
     config = config_lib.load(model_dir)
-    model = build_resnet(config.resnet_size, config.num_classes, config.image_size)
+    model = build_resnet(config.model.resnet_size, config.model.num_classes,
+                         config.model.image_size)
     latest = tf.train.latest_checkpoint(checkpoint_dir(model_dir))
     tf.train.Checkpoint(model=model).restore(latest).expect_partial()
     return _save_checkpoint(model_dir, model, step)
@@ -199,10 +200,11 @@ def checkpoint_logits(trained: TrainedModel):
 
     def compute():
         config = config_lib.load(trained.model_dir)
-        model = build_resnet(config.resnet_size, config.num_classes, config.image_size)
+        model = build_resnet(config.model.resnet_size, config.model.num_classes,
+                             config.model.image_size)
         tf.train.Checkpoint(model=model).restore(trained.checkpoint).expect_partial()
         files = raw_validation(trained.raw_dir)
-        images = tf.stack([preprocess_eval(tf.io.read_file(path), config.image_size)
+        images = tf.stack([preprocess_eval(tf.io.read_file(path), config.model.image_size)
                            for path, _ in files])
         return model(images, training=False).numpy(), np.array([label for _, label in files])
 

@@ -5,8 +5,8 @@ this module in a subprocess (``python -m tests.support.replicas SCENARIO ARGS``)
 one JSON object on its last line.
 
     updates         float16 loss scaling with an overflow on replica 0, then on replica 1, at the
-                    first step and none at the second, through ``loop.apply_gradients``; and
-                    ``loop.make_batch_norm_average`` on statistics that differ per replica
+                    first step and none at the second, through ``steps.apply_gradients``; and
+                    ``steps.make_batch_norm_average`` on statistics that differ per replica
     train DATA DIR  ``loop.train`` (mixed float16, 2 steps) with MirroredStrategy over the two
                     devices; records each replica's batch-norm statistics at every save
 """
@@ -42,7 +42,7 @@ def local(strategy, variable) -> list:
 def loss_scale(strategy, overflow_replica: int) -> dict:
     import keras
 
-    from resnet_imagenet.training import loop
+    from resnet_imagenet.training import steps
 
     keras.mixed_precision.set_global_policy("mixed_float16")
     with strategy.scope():
@@ -62,7 +62,7 @@ def loss_scale(strategy, overflow_replica: int) -> dict:
         factor = tf.where(tf.logical_and(overflow, tf.equal(replica, overflow_replica)),
                           float("inf"), 1.0)
         grads = [g * factor for g in grads]
-        loop.apply_gradients(optimizer, grads, variables, loss_scaling=True)
+        steps.apply_gradients(optimizer, grads, variables, loss_scaling=True)
 
     @tf.function
     def step(x, overflow):
@@ -88,7 +88,7 @@ def loss_scale(strategy, overflow_replica: int) -> dict:
 def bn_average(strategy) -> dict:
     import keras
 
-    from resnet_imagenet.training import loop
+    from resnet_imagenet.training import steps
 
     keras.mixed_precision.set_global_policy("float32")
     with strategy.scope():
@@ -107,7 +107,7 @@ def bn_average(strategy) -> dict:
     bn = model.get_layer("bn")
     before = {"mean": local(strategy, bn.moving_mean),
               "variance": local(strategy, bn.moving_variance)}
-    loop.make_batch_norm_average(strategy, model)()
+    steps.make_batch_norm_average(strategy, model)()
     after = {"mean": local(strategy, bn.moving_mean),
              "variance": local(strategy, bn.moving_variance)}
     return {"before": before, "after": after}
@@ -130,7 +130,7 @@ def train(data_dir: str, model_dir: str) -> dict:
         return save(writer, step)
 
     checkpoints.CheckpointWriter.save = recording_save
-    summary = loop.train(TrainConfig(
+    summary = loop.train(TrainConfig().updated(
         data_dir=data_dir, model_dir=model_dir, resnet_size=18, image_size=32, num_classes=10,
         batch_size=16, train_steps=2, checkpoint_every=1, shuffle_buffer=64, seed=0,
         mixed_precision="float16", bn_momentum=0.5, base_learning_rate=0.01))

@@ -14,24 +14,12 @@ import pytest
 from PIL import Image
 
 from resnet_imagenet import cli
-from resnet_imagenet.data import convert, labels
+from resnet_imagenet.data import convert_bench, labels
 from resnet_imagenet.data.tfrecord import read_records
 from resnet_imagenet.errors import UserError
-from tests.unit.test_convert_images import (cmyk_jpeg, decode, grey_jpeg, png_bytes,
-                                            truncated_jpeg, undecodable_jpeg)
-
-SHARDS = {"train_shards": 4, "validation_shards": 2}
-
-
-def run_convert(raw, out, **kw) -> dict:
-    return convert.convert(str(raw), str(out), **{**SHARDS, "workers": 1, **kw})
-
-
-def tree(root) -> dict[str, bytes]:
-    """Every file under ``root`` by relative path, with its bytes."""
-    root = Path(root)
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+from tests.support.conversion import run_convert, tree
+from tests.support.images import (cmyk_jpeg, decode, grey_jpeg, png_bytes, truncated_jpeg,
+                                  undecodable_jpeg)
 
 
 def shard_files(out) -> list[Path]:
@@ -314,7 +302,7 @@ def test_cli_subprocess_exits_2_with_one_line(tmp_path):
 
 
 def test_benchmark_reports_both_rates(tmp_path, capsys):
-    figures = convert.bench(workers=1, limit=12, rounds=1)
+    figures = convert_bench.bench(workers=1, limit=12, rounds=1)
     assert figures["images"] == 12
     assert figures["converter_images_per_s"] > 0 and figures["baseline_images_per_s"] > 0
     assert figures["ratio"] == pytest.approx(  # one round: the ratio of its two rates

@@ -14,16 +14,12 @@ from pathlib import Path
 import pytest
 
 from resnet_imagenet import cli
-from resnet_imagenet.data import archives, convert, sample
+from resnet_imagenet.data import archives, sample
 from resnet_imagenet.data.tfrecord import read_records
+from tests.support.conversion import SHARDS, run_convert, tree
 from tests.support.handmade import files_of
-from tests.unit.test_convert import SHARDS, tree
 
 CACHE = "_shards/archives/"
-
-
-def run_convert(raw, out, **kw) -> dict:
-    return convert.convert(str(raw), str(out), **{**SHARDS, "workers": 1, **kw})
 
 
 def without_index(files: dict[str, bytes]) -> dict[str, bytes]:

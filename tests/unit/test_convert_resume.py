@@ -11,8 +11,9 @@ import time
 
 import pytest
 
-from resnet_imagenet.data import convert, imagenet
-from tests.unit.test_convert import run_convert, tree
+from resnet_imagenet.data import imagenet
+from resnet_imagenet.data.convert_plan import make_plan
+from tests.support.conversion import run_convert, tree
 
 BLOCKED_SHARD = 2  # train-00002-of-00004
 
@@ -27,7 +28,7 @@ def test_killed_run_resumes_to_the_same_bytes(demo_raw, tmp_path):
     # Replace one image of one shard by a named pipe: reading it blocks until the test kills
     # the command, which is therefore caught mid-shard, deterministically, after every other
     # shard is complete.
-    plan = convert.make_plan(imagenet.load(str(raw)), 4, 2, seed=0)
+    plan = make_plan(imagenet.load(str(raw)), 4, 2, seed=0)
     blocked = plan.shards[BLOCKED_SHARD]
     pipe = raw / blocked.files[2].rel
     original = pipe.read_bytes()

@@ -25,20 +25,21 @@ def demo_config():
 
 def test_the_demo_peaks_at_learning_rate_0_1_whatever_the_batch_scaling():
     config = demo_config()
-    schedule = schedules.build(config, steps_per_epoch=1438 / config.batch_size)
+    schedule = schedules.build(config.optimization,
+                               steps_per_epoch=1438 / config.optimization.batch_size)
     # The rate now scales with the batch (0.1 per 256 images): the demo asks for 0.4 per 256.
     assert schedule.peak == 0.1 and schedule.kind == "cosine"
-    assert schedule.warmup_steps == 22 and schedule.total_steps == config.train_steps
+    assert schedule.warmup_steps == 22 and schedule.total_steps == config.optimization.train_steps
 
 
 def test_the_demo_batch_norm_average_covers_the_run():
     config = demo_config()
     # What is left of the initial moving statistics (mean 0, variance 1) at the end: with the
     # recipe's 0.997 it would be 43% after 280 steps, and evaluation would normalise with it.
-    assert config.bn_momentum ** config.train_steps < 1e-6
+    assert config.model.bn_momentum ** config.optimization.train_steps < 1e-6
 
 
 def test_the_demo_crops_keep_the_digit():
     config = demo_config()
-    assert config.min_crop_area >= 0.8 and not config.random_flip
-    assert config.zero_init_residual
+    assert config.data.min_crop_area >= 0.8 and not config.data.random_flip
+    assert config.model.zero_init_residual

@@ -13,11 +13,12 @@ import pytest
 from packaging.requirements import Requirement
 
 from components.images import VERSIONS_ENV, read_versions
-from tests.unit.test_manifests import REPO, RUN_AS_USER, venv_tool
+from tests.support.manifests import RUN_AS_USER, venv_tool
+from tests.support.repo import ROOT
 
 DOCKERFILES = {
-    "trainer": REPO / "images" / "trainer" / "Dockerfile",
-    "launcher": REPO / "images" / "launcher" / "Dockerfile",
+    "trainer": ROOT / "images" / "trainer" / "Dockerfile",
+    "launcher": ROOT / "images" / "launcher" / "Dockerfile",
 }
 # What the images install from the build context; .dockerignore sends nothing else. The KFP
 # side comes along: run-local and the pipeline's steps import pipelines/ and components/.
@@ -83,7 +84,7 @@ def test_images_use_the_pinned_tensorflow():
         import tomli as tomllib
 
     tf_version = read_versions(VERSIONS_ENV)["TF_VERSION"]
-    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"]
     pins = [Requirement(r) for r in extras["cpu"] + extras["gpu"]]
     pins = [r for r in pins if r.name in ("tensorflow", "tensorflow-cpu")]
@@ -119,14 +120,14 @@ def test_no_credentials_are_baked_in(name):
         *sources, _ = rest.split()
         for source in sources:
             assert not source.startswith("--"), f"{name}: COPY {rest} (from another stage?)"
-            normalised = source.rstrip("/") + ("/" if (REPO / source).is_dir() else "")
+            normalised = source.rstrip("/") + ("/" if (ROOT / source).is_dir() else "")
             assert normalised in BUILD_CONTEXT, f"{name}: COPY {source} is outside the context"
 
 
 def test_dockerignore_sends_only_the_package():
     """Allow-list: everything is ignored, then the package's files are let back in, so a key
     file or a .venv lying in the checkout can never reach an image."""
-    lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
     assert lines[0] == "*"
     assert {line[1:] for line in lines if line.startswith("!")} == BUILD_CONTEXT
@@ -140,9 +141,9 @@ def test_make_images_tags_the_images_the_manifests_run():
         ([], versions["REGISTRY"], versions["TAG"]),
         (["REGISTRY=registry.example/team", "TAG=1.2.3"], "registry.example/team", "1.2.3"),
     ):
-        result = subprocess.run(["make", "-n", "images", *overrides], cwd=REPO,
+        result = subprocess.run(["make", "-n", "images", *overrides], cwd=ROOT,
                                 capture_output=True, text=True, check=True)
         builds = [line for line in result.stdout.splitlines() if "docker build" in line]
         for name, path in DOCKERFILES.items():
-            (line,) = [b for b in builds if f"-f {path.relative_to(REPO)} " in b]
+            (line,) = [b for b in builds if f"-f {path.relative_to(ROOT)} " in b]
             assert f"-t {registry}/resnet-imagenet-{name}:{tag} " in line, line

