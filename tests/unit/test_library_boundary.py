@@ -55,3 +55,14 @@ def test_no_library_module_imports_the_kfp_side(path):
     bad = [f"{path.relative_to(LIBRARY.parent)}:{line}: {name}"
            for line, name in imported_modules(tree) if name.split(".")[0] in FORBIDDEN]
     assert not bad, "the library imports the KFP side:\n" + "\n".join(bad)
+
+
+MAX_LINES = 600
+
+
+def test_no_library_module_is_over_600_lines():
+    """A module one can read in one sitting; split by concern past that (docs/ holds the why)."""
+    lengths = {str(path.relative_to(LIBRARY)): len(path.read_text().splitlines())
+               for path in LIBRARY.rglob("*.py")}
+    assert len(lengths) > 40  # the scan found the library
+    assert {name: n for name, n in lengths.items() if n > MAX_LINES} == {}
