@@ -250,6 +250,24 @@ def test_validation_samples_come_out_of_the_archive_with_their_synsets(demo_raw,
             (Path(demo_raw) / "validation" / Path(path).name).read_bytes()
 
 
+def test_run_local_predicts_the_same_samples_from_either_layout(demo_raw, demo_archives,
+                                                                 tmp_path):
+    """run-local's predict step: the first validation images and their synsets, whether the raw
+    data is the extracted layout (read in place) or the archives (copied out of the tar)."""
+    from pipelines import run_local
+
+    extracted = run_local._validation_samples(demo_raw, 4, str(tmp_path / "unused"))
+    from_tar = run_local._validation_samples(str(demo_archives), 4, str(tmp_path / "samples"))
+    labels = (Path(demo_raw) / "validation_labels.txt").read_text().split()
+    expected = [(f"ILSVRC2012_val_{n:08d}.JPEG", labels[n - 1]) for n in (1, 2, 3, 4)]
+    assert [(Path(p).name, w) for p, w in extracted] == expected
+    assert [(Path(p).name, w) for p, w in from_tar] == expected
+    assert [Path(p).parent for p, _ in extracted] == [Path(demo_raw) / "validation"] * 4
+    assert not (tmp_path / "unused").exists()
+    for (a, _), (b, _) in zip(extracted, from_tar):
+        assert Path(a).read_bytes() == Path(b).read_bytes()
+
+
 def test_sample_data_archives_cli_same_seed_same_bytes(demo_archives, tmp_path, capsys):
     assert cli.main(["sample-data", "--archives", "--per-class", "20", "--output-dir",
                      str(tmp_path / "raw")]) == 0
