@@ -151,6 +151,11 @@ class OptimizationSettings:
             raise UserError("--label-smoothing must be in [0, 1)")
         if list(self.lr_boundaries) != sorted(self.lr_boundaries):
             raise UserError("--lr-boundaries must be increasing")
+        if self.lr_boundaries and self.lr_schedule == "cosine":
+            raise UserError(
+                f"--lr-boundaries {' '.join(map(str, self.lr_boundaries))} has no effect with "
+                "--lr-schedule cosine (it decays along a cosine to 0): drop --lr-boundaries, "
+                "or use --lr-schedule step")
         if self.optimizer != "sgd":
             raise UserError(
                 f"--optimizer {self.optimizer!r}: only 'sgd' (with momentum) is supported")

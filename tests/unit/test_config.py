@@ -90,6 +90,8 @@ def test_the_reference_recipe_scales_its_steps_with_the_batch():
     ({"num_classes": 0}, "--num-classes must be at least 1"),
     ({"min_crop_area": 0.0}, "--min-crop-area must be in \\(0, 1\\]"),
     ({"lr_boundaries": [20, 10]}, "--lr-boundaries must be increasing"),
+    ({"lr_schedule": "cosine", "lr_boundaries": [2, 4]},
+     "--lr-boundaries 2 4 has no effect with --lr-schedule cosine .*drop --lr-boundaries"),
     ({"keep_checkpoints": 0}, "--keep-checkpoints must be at least 1"),
     ({"eval_every": -1}, "--eval-every must not be negative"),
 ])
