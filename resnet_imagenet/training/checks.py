@@ -14,6 +14,7 @@ from resnet_imagenet.config import TrainConfig
 from resnet_imagenet.data import labels as labels_lib
 from resnet_imagenet.data import pipeline
 from resnet_imagenet.errors import UserError
+from resnet_imagenet.training import checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,18 @@ def resolve_jit(setting: str, gpus: list) -> bool:
 
 
 def check_model_dir(config: TrainConfig) -> None:
-    """Refuse a model directory that holds another model (before anything is written)."""
+    """Refuse a model directory that holds another model (before anything is written).
+
+    Its ``config.json`` binds it only once a checkpoint exists: a run refused before its first
+    checkpoint (a bad label, say) leaves a ``config.json`` that the corrected rerun replaces.
+    """
     path = storage.join(config.runtime.model_dir, "config.json")
     if not storage.exists(path):
+        return
+    saved = storage.join(checkpoints.checkpoint_dir(config.runtime.model_dir),
+                         f"{checkpoints.CHECKPOINT_NAME}-*.index")
+    if not storage.glob(saved):
+        log.info("%s has no checkpoint yet: its config.json is replaced", path)
         return
     previous = config_lib.load(config.runtime.model_dir)
     for name in ("resnet_size", "num_classes"):

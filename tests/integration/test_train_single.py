@@ -20,7 +20,7 @@ from resnet_imagenet.data import labels as labels_lib
 from resnet_imagenet.data import tfrecord
 from resnet_imagenet.errors import UserError
 from resnet_imagenet.model.resnet import build_resnet, weight_decay_variables
-from resnet_imagenet.training import checkpoints, loop, stopping
+from resnet_imagenet.training import checkpoints, checks, loop, stopping
 from tests.support.shards import make_shards
 from tests.support.training import read_scalars
 
@@ -287,6 +287,11 @@ def test_a_training_label_outside_the_classes_stops_with_one_line(data_dir, tmp_
     assert "\n" not in message
     assert f"{bad_dir / 'train-00001-of-00002'} holds a record with label 0, outside 1..10" \
         in message
+    # The refused run wrote config.json but no checkpoint: a rerun with other settings (the
+    # right --num-classes, say) is not refused as "holds a model trained with ...".
+    model_dir = tmp_path / "model"
+    assert (model_dir / "config.json").exists() and not glob.glob(str(model_dir / "checkpoints/*"))
+    checks.check_model_dir(tiny(str(bad_dir), model_dir, num_classes=11, resnet_size=34))
 
 
 def test_validation_during_training_runs_the_float32_model(data_dir, tmp_path):
