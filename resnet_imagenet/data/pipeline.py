@@ -228,7 +228,7 @@ def _label_check(num_classes: int):
     return check if num_classes else no_check
 
 
-def _train_decoder(image_size: int, min_crop_area: float, random_flip: bool):
+def _train_decoder(image_size: int, min_crop_area: float, random_flip: bool, seed: int):
     area_range = (min_crop_area, preprocessing.AREA_RANGE[1])
 
     # Plain TF ops, no Python control flow: nothing for AutoGraph to convert (and it
@@ -237,7 +237,8 @@ def _train_decoder(image_size: int, min_crop_area: float, random_flip: bool):
     def decode(position, path, serialized):
         features = tfrecord.parse_example(serialized)
         image = preprocessing.preprocess_train(features["image"], features["bbox"], image_size,
-                                               area_range=area_range, flip=random_flip)
+                                               seed=seed, area_range=area_range,
+                                               flip=random_flip)
         return image, features["label"] - 1, position, path
 
     return decode
@@ -300,7 +301,7 @@ def train_dataset(
     empty = (tf.zeros([0, image_size, image_size, 3], tf.uint8), tf.zeros([0], tf.int32),
              tf.zeros([0], tf.int64), tf.zeros([0], tf.string))
     ds = _decode_counting_failures(
-        records, _train_decoder(image_size, min_crop_area, random_flip), empty,
+        records, _train_decoder(image_size, min_crop_area, random_flip, seed), empty,
         deterministic=True, check=_label_check(num_classes))
     if not with_positions:
         ds = ds.map(lambda images, labels, positions: (images, labels))

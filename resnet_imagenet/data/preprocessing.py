@@ -55,11 +55,12 @@ def preprocess_train(image_bytes: tf.Tensor, bbox: tf.Tensor, image_size: int = 
 
     ``area_range`` and ``flip`` default to the recipe; milder crops and no flip suit datasets
     whose classes are not mirror-invariant or whose objects fill the frame (the digits demo).
+    ``seed`` (an int) seeds the crop, and ``seed + 1`` the flip, so the two draw independently.
     """
     window = distorted_crop_window(image_bytes, bbox, seed=seed, area_range=area_range)
     image = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
     if flip:
-        image = tf.image.random_flip_left_right(image, seed=seed)
+        image = tf.image.random_flip_left_right(image, seed=None if seed is None else seed + 1)
     image = tf.image.resize(image, [image_size, image_size], method="bilinear")
     return _to_uint8(image)
 

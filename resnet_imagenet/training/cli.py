@@ -65,7 +65,7 @@ HELP = {
     "eval_every": "steps between validation runs on the chief; 0 = only at the end",
     "data_service": "tf.data service dispatcher host:port: preprocess on its workers",
     "shuffle_buffer": "records in the shuffle buffer of each input pipeline",
-    "seed": "seed of the per-epoch file order",
+    "seed": "seed of the weight initialisation, the augmentation and the per-epoch file order",
 }
 
 

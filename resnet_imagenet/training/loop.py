@@ -87,6 +87,10 @@ class _Trainer:
         from resnet_imagenet.model.resnet import build_resnet, weight_decay_variables
 
         config, cluster = self.config, self.cluster
+        # --seed seeds the weight initialisation and the augmentation too (Python, NumPy,
+        # TensorFlow and Keras's global seeds), not only the file order: two runs with the same
+        # seed start from the same weights.
+        keras.utils.set_random_seed(config.data.seed)
         self.strategy = strategy_lib.make_strategy(cluster)
         self.replicas = self.strategy.num_replicas_in_sync
         checks.check_batch(config.optimization.batch_size, self.replicas)
