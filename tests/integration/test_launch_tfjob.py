@@ -125,6 +125,21 @@ def test_unreachable_api_server_is_one_line(tmp_path, capsys):
                    "network) and that the cluster is up"]
 
 
+def test_a_kubeconfig_that_is_not_there_is_named_in_one_line(tmp_path, capsys, monkeypatch):
+    missing = tmp_path / "nonexistent"
+    assert cli.main(["launch", "--kubeconfig", str(missing), "--", *TRAIN]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --kubeconfig {missing} is not a file: pass the path of a kubeconfig (kubectl "
+        "config view --raw shows yours), or leave the flag out to use $KUBECONFIG or "
+        "~/.kube/config"]
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", f"{missing}:{tmp_path / 'also-missing'}")
+    assert cli.main(["launch", "--", *TRAIN]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: KUBECONFIG={missing}:{tmp_path / 'also-missing'} names no existing file: "
+        "point it at a kubeconfig, pass --kubeconfig, or unset it to use ~/.kube/config"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--workers", "0"], "--workers 0: at least 1 worker is needed"),
     (["--gpus-per-worker", "-1"], "--gpus-per-worker -1: must be 0 or more"),

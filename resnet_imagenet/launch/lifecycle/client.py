@@ -43,6 +43,7 @@ def connect(kubeconfig: str | None = None, context: str | None = None):
     """An ``ApiClient`` and the default namespace: kubeconfig when named, else in a pod its
     service account, else ``$KUBECONFIG`` / ``~/.kube/config``."""
     configuration = client.Configuration()
+    _check_kubeconfig_files(kubeconfig)
     try:
         if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
             config.load_incluster_config(client_configuration=configuration)
@@ -61,6 +62,21 @@ def connect(kubeconfig: str | None = None, context: str | None = None):
             "set KUBECONFIG or pass --kubeconfig, or run the launcher in a pod"
         ) from None
     return client.ApiClient(configuration), namespace or "default"
+
+
+def _check_kubeconfig_files(kubeconfig: str | None) -> None:
+    """Name a kubeconfig that is not there (the client only says "No configuration found")."""
+    if kubeconfig is not None:
+        if not os.path.isfile(kubeconfig):
+            raise UserError(f"--kubeconfig {kubeconfig} is not a file: pass the path of a "
+                            "kubeconfig (kubectl config view --raw shows yours), or leave the "
+                            "flag out to use $KUBECONFIG or ~/.kube/config")
+        return
+    listed = [p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p]
+    if listed and not any(os.path.isfile(os.path.expanduser(p)) for p in listed):
+        raise UserError(f"KUBECONFIG={os.environ['KUBECONFIG']} names no existing file: point "
+                        "it at a kubeconfig, pass --kubeconfig, or unset it to use "
+                        "~/.kube/config")
 
 
 def server_message(exc: Exception) -> str:
