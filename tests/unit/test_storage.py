@@ -285,3 +285,20 @@ def test_gs_without_credentials_is_one_line(tmp_path, monkeypatch, capsys):
                    "application-default login', set GOOGLE_APPLICATION_CREDENTIALS to a key "
                    "file, or run where workload identity gives the pod an account"]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_declared_google_cloud_storage_can_cancel_an_upload():
+    """An aborted large write cancels its resumable upload with ``BlobWriter.terminate``, which
+    google-cloud-storage has from 3.0 on: on 2.x closing the writer would complete the object."""
+    import tomllib
+
+    from google.cloud.storage.fileio import BlobWriter
+    from packaging.requirements import Requirement
+
+    from tests.support.repo import ROOT
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (requirement,) = [Requirement(r) for r in pyproject["project"]["dependencies"]
+                      if Requirement(r).name == "google-cloud-storage"]
+    assert not requirement.specifier.contains("2.99") and requirement.specifier.contains("3.0")
+    assert callable(BlobWriter.terminate)
