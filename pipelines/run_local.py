@@ -41,7 +41,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from pipelines import params as pipeline_params
-from resnet_imagenet import storage
+from resnet_imagenet import preflight, storage
 from resnet_imagenet.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -312,7 +312,7 @@ def _summary(params: dict, outputs: dict, predictions: list[dict], clock: StepCl
 
 
 def run(args: argparse.Namespace) -> int:
-    workdir = os.path.abspath(args.workdir)
+    workdir = preflight.check_output_dir(os.path.abspath(args.workdir), "--workdir")
     if args.predict < 0:
         raise UserError("--predict must be 0 or more")
     if args.per_class is not None and args.per_class < 2:

@@ -43,7 +43,7 @@ import logging
 import re
 
 from resnet_imagenet import config as config_lib
-from resnet_imagenet import evaluation, storage
+from resnet_imagenet import evaluation, preflight, storage
 from resnet_imagenet.data import labels as labels_lib
 from resnet_imagenet.errors import UserError
 
@@ -257,7 +257,7 @@ def export(model_dir: str, export_dir: str, checkpoint: str | None = None,
 
     if version < 1:
         raise UserError(f"--version {version}: TF Serving versions are positive integers")
-    export_dir = storage.normalize(export_dir)
+    export_dir = preflight.check_output_dir(export_dir, "--export-dir")
     versions = _versions(export_dir)
     same = [name for number, name in versions if number == version]  # "1" or "0001"
     target = storage.join(export_dir, same[0] if same else str(version))

@@ -13,14 +13,16 @@ workload identity), so what passes here is what the steps are allowed to do:
   deleted again (``storage.objects.delete``: the converter and the trainer replace files).
 
 A failure is one :class:`~resnet_imagenet.errors.UserError` line naming the URI, the pipeline
-parameter and the missing permission. Local paths are not checked here (a local backend runs
-on the machine that has them). TF-free: google-cloud-storage, through
-:mod:`resnet_imagenet.storage`.
+parameter and the missing permission. Local paths are not checked by :func:`check_pipeline` (a
+local backend runs on the machine that has them); :func:`check_output_dir` is what a command
+checks of its own output directory, local or gs://, before any work. TF-free:
+google-cloud-storage, through :mod:`resnet_imagenet.storage`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import uuid
 
 from resnet_imagenet import storage
@@ -129,3 +131,26 @@ def check_pipeline(*, raw: tuple[str, str], tfrecord: tuple[str, str],
             check_writable(uri, name)
             checked.append(f"{name} {uri}: writable")
     return checked
+
+
+def check_output_dir(uri: str, flag: str) -> str:
+    """Refuse an output directory that cannot be one, before any work; returns it normalized.
+
+    Refused: a file (a local file, or a GCS object) of that name; locally also a path under a
+    file, or whose nearest existing folder this process cannot write in.
+    """
+    uri = storage.normalize(uri)
+    if storage.exists(uri) and not storage.isdir(uri):
+        raise UserError(f"{flag} {uri} is a file: choose a directory")
+    if storage.is_remote(uri):
+        return uri
+    parent = os.path.abspath(uri)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {uri} is under {parent}, which is a file: choose a directory "
+                        "elsewhere")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {uri}: cannot write in {parent} (permission denied): choose a "
+                        "directory you can write in, or fix its permissions")
+    return uri

@@ -32,7 +32,7 @@ import os
 import sys
 import time
 
-from resnet_imagenet import storage
+from resnet_imagenet import preflight, storage
 from resnet_imagenet.data.convert_plan import make_plan
 from resnet_imagenet.data.convert_state import (CONFIG_FILE, MANIFEST_FILE, Incomplete, conflict,
                                                 finalize, read_json, read_records, remove_stale,
@@ -131,9 +131,7 @@ def convert(raw_dir: str, output_dir: str, *, train_shards: int = DEFAULT_SHARDS
     workers = default_workers() if workers is None else workers
     _check_arguments(train_shards, validation_shards, workers, num_tasks, task_index, validate,
                      read_threads)
-    out_dir = storage.normalize(output_dir)
-    if storage.exists(out_dir) and not storage.isdir(out_dir):
-        raise UserError(f"--output-dir {out_dir} is a file: choose a directory")
+    out_dir = preflight.check_output_dir(output_dir, "--output-dir")
     with worker_pool(workers) as run:
         return _convert(raw_dir, out_dir, run, workers, train_shards, validation_shards,
                         num_tasks, task_index, seed, validate, overwrite, read_threads)

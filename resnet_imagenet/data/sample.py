@@ -35,7 +35,7 @@ import uuid
 
 import numpy as np
 
-from resnet_imagenet import storage
+from resnet_imagenet import preflight, storage
 from resnet_imagenet.errors import UserError
 from resnet_imagenet.storage import TMP_MARKER
 
@@ -242,10 +242,8 @@ def build(output_dir: str, seed: int = 0, overwrite: bool = False,
     extracted layout. A local output is built in a temporary sibling directory and renamed
     into place, so the directory is either the complete dataset or untouched.
     """
-    output_dir = storage.normalize(output_dir)
-    if not storage.is_empty_dir(output_dir) or (
-        storage.exists(output_dir) and not storage.isdir(output_dir)
-    ):
+    output_dir = preflight.check_output_dir(output_dir, "--output-dir")
+    if not storage.is_empty_dir(output_dir):
         if not overwrite:
             raise UserError(
                 f"--output-dir {output_dir} is not empty: choose an empty directory or pass --overwrite"

@@ -272,6 +272,17 @@ def test_atomic_write_leaves_no_object_on_failure(gcs_bucket):
                for name in names_left), names_left
 
 
+def test_an_output_directory_that_is_an_object_is_refused(gcs_bucket):
+    from resnet_imagenet import preflight
+    from resnet_imagenet.errors import UserError
+
+    storage.write_bytes(f"{gcs_bucket}/export", b"not a folder")
+    with pytest.raises(UserError, match=f"^--export-dir {gcs_bucket}/export is a file: "
+                                        "choose a directory$"):
+        preflight.check_output_dir(f"{gcs_bucket}/export", "--export-dir")
+    assert preflight.check_output_dir(f"{gcs_bucket}/new", "--export-dir") == f"{gcs_bucket}/new"
+
+
 @pytest.mark.slow
 def test_subprocess_inherits_the_routing(gcs_emulator, gcs_bucket):
     """A child process (a CLI run, a training worker) reaches the emulator through the inherited
