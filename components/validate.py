@@ -23,6 +23,7 @@ def validate_parameters(
     train_timeout_max_seconds: int,
     train_gpu_tolerations: List[dict],
     step_tolerations: List[dict],
+    train_extra_args: List[str],
     data_raw_uri: str,
     data_tfrecord_uri: str,
     data_model_uri: str,
@@ -45,6 +46,7 @@ def validate_parameters(
               "data_model_uri": data_model_uri, "data_export_uri": data_export_uri},
         tolerations={"train_gpu_tolerations": train_gpu_tolerations,
                      "step_tolerations": step_tolerations},
+        train_extra_args=train_extra_args,
     )
     for line in preflight.check_pipeline(
             raw=("data_raw_uri", data_raw_uri), tfrecord=("data_tfrecord_uri", data_tfrecord_uri),

@@ -63,6 +63,7 @@ def validate(
     train_timeout_max_seconds=0,
     uris: Mapping[str, str],
     tolerations: Mapping[str, Iterable] | None = None,
+    train_extra_args: Sequence[str] = (),
 ) -> None:
     """Refuse a parameter set that could not run, with one line naming the parameter.
 
@@ -75,7 +76,9 @@ def validate(
     training first and deletes the TFJob/TrainJob instead of leaving it running on GPUs. With a
     Kubernetes backend the timeout must therefore be between 1 and that maximum (0 = no limit
     is only for the ``local`` backend). ``tolerations`` maps parameter names to lists of
-    Kubernetes tolerations (see :func:`toleration_flag`).
+    Kubernetes tolerations (see :func:`toleration_flag`). ``train_extra_args`` are parsed
+    and checked with the trainer's own flags, on top of the settings above, so a bad one stops
+    the run here rather than after the conversion.
     """
     if train_backend not in BACKENDS:
         raise UserError(
@@ -136,6 +139,24 @@ def validate(
     for name, items in (tolerations or {}).items():
         for toleration in items or ():
             toleration_flag(name, toleration)
+    _check_train_args(train_extra_args, resnet_size=depth,
+                      num_classes=as_int("model_num_classes", model_num_classes),
+                      image_size=as_int("model_image_size", model_image_size), batch_size=batch,
+                      train_steps=as_int("train_steps", train_steps))
+
+
+def _check_train_args(extra: Sequence[str], **settings) -> None:
+    from resnet_imagenet.training.cli import config_from_argv
+
+    extra = [str(a) for a in extra or ()]
+    argv = ["--data-dir", "unused", "--model-dir", "unused"]
+    for name, value in settings.items():
+        argv += ["--" + name.replace("_", "-"), str(value)]
+    try:
+        config_from_argv(argv + extra)
+    except UserError as exc:
+        raise UserError(f"pipeline parameter train_extra_args={extra!r}: {exc} (see "
+                        "'resnet-imagenet train --help')") from None
 
 
 def toleration_flag(name: str, toleration) -> str:

@@ -263,6 +263,7 @@ def build_pipeline(options: Options = Options()):
             train_timeout_seconds=train_timeout_seconds,
             train_timeout_max_seconds=options.train_timeout_max,
             train_gpu_tolerations=train_gpu_tolerations, step_tolerations=step_tolerations,
+            train_extra_args=train_extra_args,
             data_raw_uri=data_raw_uri, data_tfrecord_uri=data_tfrecord_uri,
             data_model_uri=data_model_uri, data_export_uri=data_export_uri,
         ), "small", "validate parameters")

@@ -182,6 +182,7 @@ def _validate(params: dict) -> None:
         **{name: params[name] for name in names},
         uris={k: params[k] for k in ("data_raw_uri", "data_tfrecord_uri", "data_model_uri",
                                      "data_export_uri")},
+        train_extra_args=params["train_extra_args"],
     )
 
 

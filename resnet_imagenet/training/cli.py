@@ -99,6 +99,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(_flag(field.name), **kwargs)
 
 
+class _RefusingParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UserError(message)
+
+
+def config_from_argv(argv) -> TrainConfig:
+    """The validated config that ``resnet-imagenet train ARGV`` would train with, without
+    training; a bad flag or value is a one-line :class:`UserError` (not argparse's exit)."""
+    parser = _RefusingParser(prog="resnet-imagenet train", add_help=False)
+    add_arguments(parser)
+    return resolve_config(parser.parse_args([str(a) for a in argv]))
+
+
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults < ``--config`` YAML < explicit flags."""
     values: dict = {}

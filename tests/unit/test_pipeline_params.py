@@ -255,6 +255,35 @@ def test_local_backend_leaves_out_the_kubernetes_flags():
     assert parse(argv).train_args == ["--data-dir", "d"]
 
 
+@pytest.mark.parametrize("extra, expected", [
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--warmup-epochs", "x"], "argument --warmup-epochs: invalid float value: 'x'"),
+    (["--lr-schedule", "cosine", "--lr-boundaries", "2", "4"],
+     "--lr-boundaries 2 4 has no effect with --lr-schedule cosine"),
+    (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1)"),
+])
+def test_train_extra_args_are_checked_with_the_trainers_flags(extra, expected):
+    message = refusal(train_extra_args=extra)
+    assert message.startswith(f"pipeline parameter train_extra_args={extra!r}: {expected}")
+    assert message.endswith("(see 'resnet-imagenet train --help')")
+
+
+def test_run_local_refuses_a_bad_train_arg_before_anything_runs(tmp_path, capsys):
+    from resnet_imagenet import cli
+
+    assert cli.main(["run-local", "--workdir", str(tmp_path / "demo"),
+                     "--train-arg=--no-such-flag"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: pipeline parameter train_extra_args=")
+    assert "unrecognized arguments: --no-such-flag" in err[0]
+    assert not (tmp_path / "demo").exists()  # no demo data made, nothing converted
+
+
+def test_good_train_extra_args_pass():
+    pipeline_params.validate(**REFERENCE, train_extra_args=[
+        "--lr-schedule", "cosine", "--warmup-epochs", "5", "--mixed-precision", "bfloat16"])
+
+
 def test_run_raises_when_the_subcommand_fails(tmp_path, capsys):
     with pytest.raises(RuntimeError, match="'resnet-imagenet convert' exited with status 2"):
         pipeline_params.run(pipeline_params.finalize_argv(str(tmp_path / "nothing")))
