@@ -164,20 +164,32 @@ def restore(model, config: config_lib.TrainConfig, path: str) -> Restored:
         reader = tf.train.load_checkpoint(path)
     except (tf.errors.OpError, ValueError) as exc:
         raise UserError(f"cannot read checkpoint {path}: {error_line(exc)}") from None
-    stored = object_variable_shapes(reader)
+    damaged = (tf.errors.OpError, IndexError)  # the index reads, a data file does not
+    try:
+        stored = object_variable_shapes(reader)
+    except damaged as exc:
+        raise _damaged(path, exc) from None
     expected = sorted(tuple(v.shape) for v in model.variables)
     if stored != expected:
         raise UserError(
             f"checkpoint {path} holds {_describe_shapes(stored)}, but config.json describes "
             f"{describe(config)}: pass a checkpoint of this model directory")
-    status = tf.train.Checkpoint(model=model).restore(path).expect_partial()
-    status.assert_existing_objects_matched()
+    try:
+        status = tf.train.Checkpoint(model=model).restore(path).expect_partial()
+        status.assert_existing_objects_matched()
+    except damaged as exc:
+        raise _damaged(path, exc) from None
     if reader.has_tensor(STEP_KEY):
         step = int(reader.get_tensor(STEP_KEY))
     else:  # a checkpoint of another writer: CheckpointManager numbers it by step
         match = _CHECKPOINT_NUMBER_RE.search(path)
         step = int(match.group(1)) if match else 0
     return Restored(checkpoint=path, step=step)
+
+
+def _damaged(path: str, exc: BaseException) -> UserError:
+    return UserError(f"checkpoint {path} is damaged ({error_line(exc)}): pass --checkpoint with "
+                     "an earlier one of its directory")
 
 
 _TF_ERROR_NOISE = ("Graph execution error", "Detected at node", "<stack traces", "File ", "[[")

@@ -109,6 +109,9 @@ def restore(checkpoint, model, path: str, what: str) -> None:
         # expect_partial: values the restoring objects do not hold (the input positions,
         # read separately by the loop) are not worth a warning.
         checkpoint.restore(path).assert_existing_objects_matched().expect_partial()
+    except IndexError as exc:  # a data file shorter than its index says: a copy cut short
+        raise UserError(f"checkpoint {path} is damaged ({exc}): delete its files to resume from "
+                        "the checkpoint before it") from None
     except (AssertionError, ValueError, tf.errors.OpError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise UserError(f"{refusal} ({reason})") from None

@@ -262,6 +262,21 @@ def test_checkpoint_of_another_depth(one_step, tmp_path):
         "checkpoint", "ckpt-1.data-00000-of-00001", "ckpt-1.index"]
 
 
+def test_a_truncated_checkpoint_is_named_as_damaged(one_step, tmp_path):
+    model_dir = tmp_path / "copy"
+    shutil.copytree(one_step[0], model_dir)
+    data = model_dir / "checkpoints" / "ckpt-1.data-00000-of-00001"
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) // 2)
+    data_dir = config_lib.load(str(model_dir)).data.data_dir
+    with pytest.raises(UserError) as info:
+        loop.train(tiny(data_dir, model_dir, train_steps=2, batch_size=8))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"checkpoint {model_dir / 'checkpoints' / 'ckpt-1'} is damaged (")
+    assert message.endswith("): delete its files to resume from the checkpoint before it")
+
+
 # --- exact resume, bad labels, float32 validation --------------------------------------------
 
 

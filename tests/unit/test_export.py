@@ -226,3 +226,19 @@ def test_the_highest_version_is_served_and_a_wrong_checkpoint_writes_nothing(
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
     assert "ResNet-34" in line
     assert not target.exists() or os.listdir(target) == []
+
+
+def test_a_truncated_checkpoint_is_one_line_and_writes_nothing(trained_model, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained_model.model_dir, model_dir)
+    checkpoint = str(model_dir / "checkpoints" / os.path.basename(trained_model.checkpoint))
+    data = f"{checkpoint}.data-00000-of-00001"
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) // 2)
+    target = tmp_path / "out"
+    status = cli.main(["export", "--model-dir", str(model_dir), "--export-dir", str(target)])
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: checkpoint {checkpoint} is damaged (")
+    assert err[0].endswith("): pass --checkpoint with an earlier one of its directory")
+    assert not target.exists() or os.listdir(target) == []
