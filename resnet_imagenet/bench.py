@@ -56,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
         result = bench_input(args.data_dir, image_size=args.image_size,
                              batch_size=args.batch_size, batches=args.batches)
     else:
+        from resnet_imagenet import preflight
         from resnet_imagenet.predict import bench_predict
 
+        preflight.check_command(reads={"--model": args.model})
         result = bench_predict(args.model, images=args.images, runs=args.runs)
     print(json.dumps(result, sort_keys=True))
     return 0

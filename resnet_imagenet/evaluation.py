@@ -451,6 +451,9 @@ def _print_summary(metrics: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from resnet_imagenet import preflight
+
+    preflight.check_command(reads={"--data-dir": args.data_dir, "--model-dir": args.model_dir})
     if args.watch:
         if args.checkpoint:
             raise UserError("--watch evaluates each new checkpoint: leave out --checkpoint")

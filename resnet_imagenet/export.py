@@ -466,6 +466,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    preflight.check_command(reads={"--model-dir": args.model_dir},
+                            writes={"--export-dir": args.export_dir})
     path = export(args.model_dir, args.export_dir, args.checkpoint, args.overwrite, args.version)
     print(f"SavedModel written to {path} (serving_default: JPEG/PNG bytes; "
           f"predict_images: uint8 images); see {storage.join(path, README)}")

@@ -225,6 +225,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from resnet_imagenet import preflight
+
+    preflight.check_command(reads={"--model": args.model})
     results = predict(args.model, args.images, args.top_k, args.batch_size)
     for result in results:
         if args.json:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import uuid
 
 from resnet_imagenet import storage
@@ -32,6 +33,8 @@ LIST, GET = "storage.objects.list", "storage.objects.get"
 CREATE, DELETE = "storage.objects.create", "storage.objects.delete"
 PROBE_PREFIX = ".tmp-preflight-"  # a temporary name (storage.is_temp): safe to find and delete
 DATASET_MANIFEST = "manifest.json"
+# How long a command's gs:// pre-flight may take before it gives up (seconds).
+TIMEOUT_ENV, DEFAULT_TIMEOUT = "RESNET_IMAGENET_PREFLIGHT_TIMEOUT", 60.0
 
 
 def identity() -> str:
@@ -45,22 +48,29 @@ def identity() -> str:
         f"this step's identity ({kind})"
 
 
+def _subject(uri: str, parameter: str) -> str:
+    """``--data-dir gs://b/x`` for a command's flag, ``pipeline parameter p=gs://b/x`` else."""
+    return f"{parameter} {uri}" if parameter.startswith("--") else \
+        f"pipeline parameter {parameter}={uri}"
+
+
 @contextlib.contextmanager
 def _requesting(uri: str, parameter: str, permission: str, action: str):
     """Turn GCS's refusals into one line naming the URI, the parameter and the permission."""
     from google.api_core import exceptions
 
+    who = "run" if parameter.startswith("--") else "run the pipeline"
     try:
         yield
     except (exceptions.Forbidden, exceptions.Unauthorized) as exc:
         raise UserError(
-            f"pipeline parameter {parameter}={uri}: {identity()} lacks {permission} ({action} "
-            f"was refused: {exc.code} {type(exc).__name__}): grant it on the bucket, or run "
-            "the pipeline as an identity that has it") from None
+            f"{_subject(uri, parameter)}: {identity()} lacks {permission} ({action} was "
+            f"refused: {exc.code} {type(exc).__name__}): grant it on the bucket, or {who} as "
+            "an identity that has it") from None
     except exceptions.NotFound:
         bucket = uri[len("gs://"):].split("/", 1)[0]
-        raise UserError(f"pipeline parameter {parameter}={uri}: bucket gs://{bucket} does not "
-                        "exist (or is not visible to this identity)") from None
+        raise UserError(f"{_subject(uri, parameter)}: bucket gs://{bucket} does not exist (or "
+                        "is not visible to this identity)") from None
 
 
 def check_readable(uri: str, parameter: str) -> list[str]:
@@ -69,11 +79,12 @@ def check_readable(uri: str, parameter: str) -> list[str]:
     with _requesting(uri, parameter, LIST, "listing the prefix"):
         names = storage.listdir(uri)
     if not names:
-        raise UserError(f"pipeline parameter {parameter}={uri} holds nothing: upload the data "
-                        "there first, or correct the URI")
+        raise UserError(f"{_subject(uri, parameter)} holds nothing: upload the data there "
+                        "first, or correct the URI")
     files = [n for n in names if not n.startswith(".")]
     probe = next((n for n in ("ILSVRC2012_devkit_t12.tar.gz", "validation_labels.txt",
-                              DATASET_MANIFEST) if n in files), None)
+                              DATASET_MANIFEST, "config.json", "saved_model.pb")
+                  if n in files), None)
     if probe is None:  # any object under the prefix
         probe = next(iter(storage.walk_files(uri)), None)
         probe = probe[len(uri) + 1:] if probe else None
@@ -154,3 +165,49 @@ def check_output_dir(uri: str, flag: str) -> str:
         raise UserError(f"{flag} {uri}: cannot write in {parent} (permission denied): choose a "
                         "directory you can write in, or fix its permissions")
     return uri
+
+
+def check_command(reads: dict[str, str], writes: dict[str, str] | None = None,
+                  timeout: float | None = None) -> None:
+    """A command's gs:// inputs (``{flag: uri}``) read and its outputs take a probe object,
+    before TensorFlow touches them; local paths are left to the command.
+
+    Bounded by ``timeout`` seconds (default ``$RESNET_IMAGENET_PREFLIGHT_TIMEOUT`` or 60):
+    without a network or a reachable credential source the requests would retry for minutes.
+    """
+    checks = [(flag, uri, check_readable) for flag, uri in reads.items()]
+    checks += [(flag, uri, check_writable) for flag, uri in (writes or {}).items()]
+    checks = [(flag, storage.normalize(uri), check) for flag, uri, check in checks
+              if uri and storage.is_remote(uri)]
+    if not checks:
+        return
+    if timeout is None:
+        timeout = float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT)
+    state = {"at": checks[0][:2], "error": None}
+
+    def run() -> None:
+        try:
+            for flag, uri, check in checks:
+                state["at"] = (flag, uri)
+                check(uri, flag)
+        except BaseException as exc:  # handed to the caller's thread
+            state["error"] = exc
+
+    worker = threading.Thread(target=run, name="preflight", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():  # left behind: a daemon thread does not keep the process alive
+        flag, uri = state["at"]
+        raise UserError(f"{flag} {uri}: Google Cloud Storage did not answer within {timeout:g} s "
+                        f"({TIMEOUT_ENV}): check this machine's network or proxy and its "
+                        "credentials (gcloud auth application-default login, "
+                        "GOOGLE_APPLICATION_CREDENTIALS or workload identity)")
+    error = state["error"]
+    if isinstance(error, UserError):
+        raise error
+    if error is not None:
+        flag, uri = state["at"]
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise UserError(f"{flag} {uri}: cannot reach Google Cloud Storage "
+                        f"({type(error).__name__}: {first}): check this machine's network or "
+                        "proxy and its credentials") from None

@@ -167,6 +167,10 @@ def run(args: argparse.Namespace) -> int:
                         ("model_dir", config.runtime.model_dir)):
         if not value:
             raise UserError(f"{_flag(name)} is required (on the command line or in --config)")
+    from resnet_imagenet import preflight
+
+    preflight.check_command(reads={"--data-dir": config.data.data_dir},
+                            writes={"--model-dir": config.runtime.model_dir})
     from resnet_imagenet.training import loop, stopping
 
     try:

@@ -111,6 +111,7 @@ def test_the_validate_step_runs_the_preflight(raw, gcs_bucket, policy):
             model_image_size=224, tfrecord_tasks=2, tfrecord_shards_train=4,
             tfrecord_shards_validation=2, train_timeout_seconds=3600,
             train_timeout_max_seconds=604800, train_gpu_tolerations=[], step_tolerations=[],
+            train_extra_args=[],
             data_raw_uri=raw,
             data_tfrecord_uri=f"{raw.rsplit('/', 1)[0]}/tfrecords",  # writable: another bucket
             data_model_uri=f"{gcs_bucket}/model", data_export_uri=f"{gcs_bucket}/export")
@@ -124,3 +125,64 @@ def test_preflight_imports_no_tensorflow(raw, gcs_bucket):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=os.environ.copy(), timeout=120)
     assert result.stdout.split() == ["2", "False"], result.stderr
+
+
+# --- the TF commands: their gs:// flags checked before TensorFlow is imported ----------------
+
+RUN_COMMANDS = """
+import json, sys
+from resnet_imagenet import cli
+for argv in json.loads(sys.argv[1]):
+    print(cli.main(argv), flush=True)
+print('tensorflow' in sys.modules)
+"""
+
+
+def run_commands(commands: list[list[str]], env: dict) -> tuple[list[str], list[str]]:
+    """Each command through the CLI in one fresh interpreter: (its exit codes and whether
+    TensorFlow got imported, its stderr's error lines)."""
+    import json
+
+    result = subprocess.run([sys.executable, "-c", RUN_COMMANDS, json.dumps(commands)],
+                            capture_output=True, text=True, env=env, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    return result.stdout.split(), errors
+
+
+def test_a_tf_command_without_access_stops_before_tensorflow(raw, gcs_bucket, policy):
+    policy.deny("storage.objects.create", gcs_bucket)
+    # Inputs that read (the data need not be what train or export want: access is all the
+    # pre-flight checks), outputs that cannot be written.
+    out, errors = run_commands([
+        ["train", "--data-dir", raw, "--model-dir", f"{gcs_bucket}/model"],
+        ["export", "--model-dir", raw, "--export-dir", f"{gcs_bucket}/export"],
+    ], env=os.environ.copy())
+    assert out == ["2", "2", "False"]
+    assert errors == [
+        f"error: {flag} {gcs_bucket}/{name}: anonymous credentials lacks storage.objects.create "
+        "(writing a probe object was refused: 403 Forbidden): grant it on the bucket, or run "
+        "as an identity that has it" for flag, name in (("--model-dir", "model"),
+                                                        ("--export-dir", "export"))]
+    assert objects(gcs_bucket) == []
+
+
+def test_an_unreachable_storage_endpoint_is_one_line_within_the_bound(tmp_path):
+    from resnet_imagenet.launch.local import free_ports
+
+    (port,) = free_ports(1)  # nothing listens: every request is refused, and retried
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
+           preflight.TIMEOUT_ENV: "2"}
+    out, errors = run_commands([
+        ["train", "--data-dir", "gs://b/data", "--model-dir", "gs://b/model"],
+        ["evaluate", "--data-dir", "gs://b/data", "--model-dir", "gs://b/model"],
+        ["export", "--model-dir", "gs://b/model", "--export-dir", "gs://b/export"],
+        ["predict", "--model", "gs://b/export", str(tmp_path / "x.jpg")],
+        ["bench", "predict", "--model", "gs://b/export"],
+    ], env=env)
+    assert out == ["2"] * 5 + ["False"]
+    bound = (": Google Cloud Storage did not answer within 2 s (RESNET_IMAGENET_PREFLIGHT_TIMEOUT):"
+             " check this machine's network or proxy and its credentials (gcloud auth "
+             "application-default login, GOOGLE_APPLICATION_CREDENTIALS or workload identity)")
+    assert errors == [f"error: {flag}{bound}" for flag in (
+        "--data-dir gs://b/data", "--data-dir gs://b/data", "--model-dir gs://b/model",
+        "--model gs://b/export", "--model gs://b/export")]
