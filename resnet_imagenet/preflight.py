@@ -101,7 +101,8 @@ def check_writable(uri: str, parameter: str) -> None:
     with _requesting(uri, parameter, CREATE, "writing a probe object"):
         # One upload, the request of that permission alone (a storage.write_bytes would also
         # delete its temporary object).
-        storage.gcs_blob(probe).upload_from_string(b"")
+        storage.gcs_blob(probe).upload_from_string(b"", retry=storage.retry_policy(),
+                                                   timeout=storage.TIMEOUT)
     with _requesting(uri, parameter, DELETE, f"deleting the probe object {probe}"):
         storage.remove(probe)
 

@@ -104,7 +104,7 @@ _client_lock = threading.Lock()
 
 
 @functools.lru_cache(maxsize=1)  # built on first use: importing google.api_core costs ~0.2 s
-def _policy():
+def retry_policy():
     """The retry policy of every GCS request: the library's predicate (429, 5xx, connection
     errors) with a deadline of 10 minutes (a conversion task runs for hours)."""
     from google.cloud.storage.retry import DEFAULT_RETRY
@@ -172,7 +172,7 @@ def _not_found():
 def _list(bucket: str, prefix: str, **options):
     """The objects under ``prefix`` (an iterator of pages' blobs); a missing bucket is empty."""
     try:
-        yield from client().list_blobs(bucket, prefix=prefix, retry=_policy(), timeout=TIMEOUT,
+        yield from client().list_blobs(bucket, prefix=prefix, retry=retry_policy(), timeout=TIMEOUT,
                                        **options)
     except _not_found():
         return
@@ -180,7 +180,8 @@ def _list(bucket: str, prefix: str, **options):
 
 def _blob_meta(uri: str):
     bucket, key = _split(uri)
-    blob = client().bucket(bucket).get_blob(key, retry=_policy(), timeout=TIMEOUT) if key else None
+    blob = (client().bucket(bucket).get_blob(key, retry=retry_policy(), timeout=TIMEOUT)
+            if key else None)
     if blob is None:
         raise FileNotFoundError(errno.ENOENT, "No such file", uri)
     return blob
@@ -192,7 +193,7 @@ def exists(uri: str) -> bool:
     if not is_remote(uri):
         return os.path.exists(uri)
     _, key = _split(uri)
-    if key and _blob(uri).exists(retry=_policy(), timeout=TIMEOUT):
+    if key and _blob(uri).exists(retry=retry_policy(), timeout=TIMEOUT):
         return True
     return isdir(uri)
 
@@ -203,7 +204,7 @@ def isdir(uri: str) -> bool:
         return os.path.isdir(uri)
     bucket, key = _split(uri)
     if not key:
-        return client().bucket(bucket).exists(retry=_policy(), timeout=TIMEOUT)
+        return client().bucket(bucket).exists(retry=retry_policy(), timeout=TIMEOUT)
     return any(True for _ in _list(bucket, key + "/", max_results=1))
 
 
@@ -219,7 +220,7 @@ def listdir(uri: str) -> list[str]:
     bucket, key = _split(uri)
     prefix = key + "/" if key else ""
     pages = client().list_blobs(bucket, prefix=prefix, delimiter="/",
-                                retry=_policy(), timeout=TIMEOUT)
+                                retry=retry_policy(), timeout=TIMEOUT)
     names = {blob.name[len(prefix):] for blob in pages}
     names |= {p[len(prefix):].rstrip("/") for p in pages.prefixes}
     names.discard("")  # a directory marker object ("key/", see makedirs)
@@ -285,7 +286,7 @@ def read_bytes(uri: str) -> bytes:
         with open(uri, "rb") as f:
             return f.read()
     try:
-        return _blob(uri).download_as_bytes(retry=_policy(), timeout=TIMEOUT)
+        return _blob(uri).download_as_bytes(retry=retry_policy(), timeout=TIMEOUT)
     except _not_found():
         raise FileNotFoundError(errno.ENOENT, "No such file", uri) from None
 
@@ -327,7 +328,7 @@ def read_range(uri: str, offset: int, length: int) -> bytes:
         return b"".join(parts)
     try:
         return _blob(uri).download_as_bytes(start=offset, end=offset + length - 1,
-                                            checksum=None, retry=_policy(),
+                                            checksum=None, retry=retry_policy(),
                                             timeout=TIMEOUT)
     except _not_found():
         raise FileNotFoundError(errno.ENOENT, "No such file", uri) from None
@@ -394,7 +395,7 @@ def makedirs(uri: str) -> None:
     bucket, key = _split(uri)
     if key and not isdir(uri):
         client().bucket(bucket).blob(key + "/").upload_from_string(
-            b"", retry=_policy(), timeout=TIMEOUT)
+            b"", retry=retry_policy(), timeout=TIMEOUT)
 
 
 def _publish(source, uri: str, overwrite: bool = True) -> None:
@@ -405,10 +406,10 @@ def _publish(source, uri: str, overwrite: bool = True) -> None:
     from google.api_core.exceptions import PreconditionFailed
 
     if source.crc32c is None or source.size is None:
-        source.reload(retry=_policy(), timeout=TIMEOUT)
+        source.reload(retry=retry_policy(), timeout=TIMEOUT)
     target = _blob(uri)
     for _ in range(PUBLISH_ATTEMPTS):
-        current = target.bucket.get_blob(target.name, retry=_policy(), timeout=TIMEOUT)
+        current = target.bucket.get_blob(target.name, retry=retry_policy(), timeout=TIMEOUT)
         if current is not None and not overwrite:
             raise FileExistsError(errno.EEXIST, "File exists", uri)
         generation = current.generation if current is not None else 0
@@ -416,11 +417,11 @@ def _publish(source, uri: str, overwrite: bool = True) -> None:
             token = None
             while True:  # one call, or several for a large copy between locations
                 token, _, _ = target.rewrite(source, token=token, if_generation_match=generation,
-                                             retry=_policy(), timeout=TIMEOUT)
+                                             retry=retry_policy(), timeout=TIMEOUT)
                 if token is None:
                     return
         except PreconditionFailed:
-            landed = target.bucket.get_blob(target.name, retry=_policy(), timeout=TIMEOUT)
+            landed = target.bucket.get_blob(target.name, retry=retry_policy(), timeout=TIMEOUT)
             if (landed is not None and landed.size == source.size
                     and landed.crc32c == source.crc32c):
                 return
@@ -446,7 +447,7 @@ class _GcsWriter(io.RawIOBase):
             return self._stream.write(data)
         self._buffer += data
         if len(self._buffer) > SMALL_WRITE:
-            self._stream = self.blob.open("wb", chunk_size=CHUNK_SIZE, retry=_policy(),
+            self._stream = self.blob.open("wb", chunk_size=CHUNK_SIZE, retry=retry_policy(),
                                           timeout=TIMEOUT[1], ignore_flush=True)
             self._stream.write(bytes(self._buffer))
             self._buffer = bytearray()
@@ -456,7 +457,7 @@ class _GcsWriter(io.RawIOBase):
         if self._stream is not None:
             self._stream.close()
         else:
-            self.blob.upload_from_string(bytes(self._buffer), retry=_policy(), timeout=TIMEOUT)
+            self.blob.upload_from_string(bytes(self._buffer), retry=retry_policy(), timeout=TIMEOUT)
 
     def abort(self) -> None:
         if self._stream is not None:
@@ -493,7 +494,7 @@ def atomic_write(uri: str, mode: str = "wb", overwrite: bool = True) -> Iterator
         _publish(writer.blob, uri, overwrite)
     finally:
         try:
-            writer.blob.delete(retry=_policy(), timeout=TIMEOUT)
+            writer.blob.delete(retry=retry_policy(), timeout=TIMEOUT)
         except Exception as exc:  # the write's outcome stands; convert removes such leftovers
             if not isinstance(exc, _not_found()):
                 log.warning("could not delete the temporary object %s: %s",
@@ -544,7 +545,7 @@ def copy(src: str, dst: str, overwrite: bool = True) -> None:
                 shutil.copyfileobj(reader, writer, CHUNK_SIZE)
             return
         try:
-            _blob(src).download_to_file(writer, retry=_policy(), timeout=TIMEOUT)
+            _blob(src).download_to_file(writer, retry=retry_policy(), timeout=TIMEOUT)
         except _not_found():
             raise FileNotFoundError(errno.ENOENT, "No such file", src) from None
 
@@ -578,7 +579,7 @@ def remove(uri: str) -> None:
             os.remove(uri)
         return
     with contextlib.suppress(_not_found()):
-        _blob(uri).delete(retry=_policy(), timeout=TIMEOUT)
+        _blob(uri).delete(retry=retry_policy(), timeout=TIMEOUT)
 
 
 def rmtree(uri: str) -> None:
@@ -593,6 +594,6 @@ def rmtree(uri: str) -> None:
     bucket, key = _split(uri)
     for blob in _list(bucket, key + "/" if key else ""):
         with contextlib.suppress(_not_found()):
-            blob.delete(retry=_policy(), timeout=TIMEOUT)
+            blob.delete(retry=retry_policy(), timeout=TIMEOUT)
     if key:
         remove(uri)

@@ -158,7 +158,10 @@ install_tool() {  # install_tool NAME WORKDIR: build into a temporary directory,
   echo "built $name in $((SECONDS - start)) s" >&2
 }
 
-if [ "${1:-}" = "--print-dir" ]; then shift; for n in "$@"; do dir_of "$n"; done; exit 0; fi
+print_dir=false
+if [ "${1:-}" = "--print-dir" ]; then print_dir=true; shift; fi
+for n in "$@"; do version_of "$n" >/dev/null; done   # an unknown name: its error, exit 2
+if $print_dir; then for n in "$@"; do dir_of "$n"; done; exit 0; fi
 [ $# -gt 0 ] || set -- "${ALL[@]}"
 missing=()
 for n in "$@"; do out=$(dir_of "$n"); [ -d "$out" ] || missing+=("$n"); done

@@ -138,6 +138,14 @@ def test_a_kubeconfig_that_is_not_there_is_named_in_one_line(tmp_path, capsys, m
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: KUBECONFIG={missing}:{tmp_path / 'also-missing'} names no existing file: "
         "point it at a kubeconfig, pass --kubeconfig, or unset it to use ~/.kube/config"]
+    # In a pod the service account is used and a stale KUBECONFIG is not read at all: here,
+    # without the pod's token file, the in-cluster configuration is what fails.
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    assert cli.main(["launch", "--", *TRAIN]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: no usable Kubernetes configuration (")
+    assert "KUBECONFIG=" not in line
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -75,6 +75,16 @@ def test_build_refuses_a_cache_it_cannot_write_in_one_line(tmp_path):
         "RESNET_IMAGENET_CACHE at a folder you own"]
 
 
+@pytest.mark.parametrize("args", [("bogus",), ("--print-dir", "bogus"), ("kwok", "bogus")])
+def test_build_refuses_an_unknown_tool_in_one_line_before_anything(tmp_path, args):
+    done = build(tmp_path, tmp_path / "cache", *args)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "error: unknown tool 'bogus': pick from kubernetes etcd kwok training-operator jobset "
+        "trainer"]
+    assert not (tmp_path / "cache").exists()
+
+
 def test_build_refuses_a_go_older_than_the_modules_need_in_one_line(tmp_path):
     done = build(tmp_path, tmp_path / "cache", "kwok", version="1.22.1")
     assert done.returncode == 2

@@ -43,13 +43,13 @@ def connect(kubeconfig: str | None = None, context: str | None = None):
     """An ``ApiClient`` and the default namespace: kubeconfig when named, else in a pod its
     service account, else ``$KUBECONFIG`` / ``~/.kube/config``."""
     configuration = client.Configuration()
-    _check_kubeconfig_files(kubeconfig)
     try:
         if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
             config.load_incluster_config(client_configuration=configuration)
             with open(SERVICE_ACCOUNT_NAMESPACE_FILE, encoding="utf-8") as f:
                 namespace = f.read().strip()
         else:
+            _check_kubeconfig_files(kubeconfig)
             config.load_kube_config(config_file=kubeconfig, context=context,
                                     client_configuration=configuration)
             contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)
