@@ -1,1 +1,2 @@
-"""KFP pipeline definitions (DAGs); the steps themselves are in ``components/``."""
+"""The KFP side: the pipeline (the DAG), its parameters and their checks, the artifact helpers
+and the run-local driver; the steps themselves are in ``components/``."""

@@ -162,10 +162,11 @@ class OptimizationSettings:
         _not_negative(self, ("train_steps", "warmup_epochs", "weight_decay",
                              "base_learning_rate", "momentum"))
 
-    def effective(self, recipe: Recipe = REFERENCE) -> "OptimizationSettings":
-        """``train_steps`` 0 and empty ``lr_boundaries`` (step schedule) filled in from
-        ``recipe`` for this batch (:meth:`Recipe.steps_at`); explicit values are kept."""
-        steps, boundaries = recipe.steps_at(self.batch_size, self.scale_lr_with_batch)
+    def effective(self) -> "OptimizationSettings":
+        """``train_steps`` 0 and empty ``lr_boundaries`` (step schedule) filled in from the
+        reference recipe for this batch (:meth:`Recipe.steps_at`), whose batch the learning rate
+        scales from too (``schedules.peak_learning_rate``); explicit values are kept."""
+        steps, boundaries = REFERENCE.steps_at(self.batch_size, self.scale_lr_with_batch)
         changes: dict = {}
         if not self.train_steps:
             changes["train_steps"] = steps

@@ -132,8 +132,8 @@ class ClusterOptions(abc.ABC):
         if mount and (path == mount[1] or path.startswith(mount[1].rstrip("/") + "/")):
             return
         raise UserError(
-            f"{flag} {uri} is a local path, but TFJob workers run in separate pods: use a gs:// "
-            "URI, or mount a shared volume with --pvc CLAIM:/mount and put the path under it"
+            f"{flag} {uri} is a local path, which the job's pods cannot see: use a gs:// URI, "
+            "or mount a shared volume with --pvc CLAIM:/mount and put the path under it"
         )
 
     # -- pieces of the pods both backends describe alike --

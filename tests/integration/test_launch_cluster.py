@@ -91,7 +91,7 @@ def test_a_field_the_clusters_crd_does_not_know_is_refused_not_dropped(
     assert text.startswith(f"the API server refused {backend.cluster.kind} "
                            f"{kube_namespace}/resnet-test: ")
     assert 'unknown field "spec.fromTheFuture"' in text
-    assert text.endswith(f"the cluster's CRD is older: upgrade it, or use the other --backend")
+    assert text.endswith("the cluster's CRD is older: upgrade it, or use the other --backend")
     assert backend.get(control_plane.admin(), kube_namespace, "resnet-test") is None
 
 

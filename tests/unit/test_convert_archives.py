@@ -16,7 +16,7 @@ import pytest
 from resnet_imagenet import cli
 from resnet_imagenet.data import archives, sample
 from resnet_imagenet.data.tfrecord import read_records
-from tests.support.conversion import SHARDS, run_convert, tree
+from tests.support.conversion import run_convert, tree
 from tests.support.handmade import files_of
 
 CACHE = "_shards/archives/"

@@ -8,29 +8,13 @@ source (AST), so an import inside a function, under ``TYPE_CHECKING`` or by name
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
 
-LIBRARY = Path(__file__).resolve().parents[2] / "resnet_imagenet"
+from tests.support.imports import imported_modules
+from tests.support.repo import ROOT
+
+LIBRARY = ROOT / "resnet_imagenet"
 FORBIDDEN = {"kfp", "kfp_kubernetes", "pipelines", "components"}
-
-
-def imported_modules(tree: ast.AST) -> list[tuple[int, str]]:
-    """(line, absolute module name) of every import in ``tree``; relative ones stay inside."""
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.append((node.lineno, node.module))
-        elif (isinstance(node, ast.Call) and node.args
-              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
-              and (getattr(node.func, "attr", None) == "import_module"
-                   or getattr(node.func, "id", None) in ("__import__", "import_module"))):
-            found.append((node.lineno, node.args[0].value))
-    return sorted(found)
 
 
 def test_the_scan_sees_every_kind_of_import():
@@ -38,7 +22,7 @@ def test_the_scan_sees_every_kind_of_import():
               "def f():\n    from kfp_kubernetes import x\n"
               "importlib.import_module('pipelines.run_local')\n__import__('kfp')\n"
               "from . import sibling\n")
-    tops = [name.split(".")[0] for _, name in imported_modules(ast.parse(source))]
+    tops = [name.split(".")[0] for _, name in imported_modules(source)]
     assert tops == ["kfp", "pipelines", "components", "os", "kfp_kubernetes", "pipelines", "kfp"]
 
 
@@ -51,9 +35,10 @@ def test_the_library_has_sources():
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(LIBRARY.parent)))
 def test_no_library_module_imports_the_kfp_side(path):
-    tree = ast.parse(path.read_text(), filename=str(path))
+    module = ".".join(path.relative_to(LIBRARY.parent).with_suffix("").parts)
     bad = [f"{path.relative_to(LIBRARY.parent)}:{line}: {name}"
-           for line, name in imported_modules(tree) if name.split(".")[0] in FORBIDDEN]
+           for line, name in imported_modules(path.read_text(), module)
+           if name.split(".")[0] in FORBIDDEN]
     assert not bad, "the library imports the KFP side:\n" + "\n".join(bad)
 
 

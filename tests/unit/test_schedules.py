@@ -104,7 +104,7 @@ def test_large_batch_step_boundaries_given_in_epochs():
 
 
 def test_cosine_decays_from_the_peak_to_zero_after_warmup():
-    config = large_batch(lr_schedule="cosine", train_steps=10_000)
+    config = large_batch(lr_schedule="cosine", lr_boundaries=[], train_steps=10_000)
     schedule = schedules.build(config, steps_per_epoch=100)
     assert schedule.warmup_steps == 500
     assert lr(schedule, 250) == pytest.approx(0.2)

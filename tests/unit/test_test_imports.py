@@ -6,31 +6,8 @@ a side effect, and hides shared helpers in a file nobody looks in for them.
 
 from __future__ import annotations
 
-import ast
-
+from tests.support.imports import imported_modules
 from tests.support.repo import ROOT
-
-
-
-def imported_modules(source: str, module: str) -> list[tuple[int, str]]:
-    """(line, absolute name) of every import in ``source``, the code of ``module``, and of its
-    ``pytest_plugins``; ``from a import b`` gives ``a.b`` (b may be a module)."""
-    package = module.rsplit(".", 1)[0]
-    found = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module
-            if node.level:  # relative to the package of ``module``, up level - 1
-                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                base = f"{base}.{node.module}" if node.module else base
-            found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
-        elif isinstance(node, ast.Assign) and any(
-                isinstance(t, ast.Name) and t.id == "pytest_plugins" for t in node.targets):
-            found += [(node.lineno, value.value) for value in ast.walk(node.value)
-                      if isinstance(value, ast.Constant) and isinstance(value.value, str)]
-    return found
 
 
 def forbidden(name: str) -> bool:

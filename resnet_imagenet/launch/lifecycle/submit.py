@@ -86,7 +86,7 @@ def _refused(run: JobRun, exc: ApiException) -> UserError:
         return UserError(
             f"cannot create {run.what}: {message}; check that the cluster has "
             f"{backend.resource} from {backend.installer} (kubectl api-resources | grep "
-            f"-e tfjobs -e trainjobs) and that namespace '{run.namespace}' exists")
+            f"{backend.plural}) and that namespace '{run.namespace}' exists")
     if "unknown field" in message:
         hint = (f"; this launcher writes {backend.kind}s for {backend.installer}, the "
                 "cluster's CRD is older: upgrade it, or use the other --backend")
