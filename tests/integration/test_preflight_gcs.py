@@ -171,7 +171,7 @@ def test_an_unreachable_storage_endpoint_is_one_line_within_the_bound(tmp_path):
 
     (port,) = free_ports(1)  # nothing listens: every request is refused, and retried
     env = {**os.environ, "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
-           preflight.TIMEOUT_ENV: "2"}
+           preflight.TIMEOUT_ENV: "1"}
     out, errors = run_commands([
         ["train", "--data-dir", "gs://b/data", "--model-dir", "gs://b/model"],
         ["evaluate", "--data-dir", "gs://b/data", "--model-dir", "gs://b/model"],
@@ -180,7 +180,7 @@ def test_an_unreachable_storage_endpoint_is_one_line_within_the_bound(tmp_path):
         ["bench", "predict", "--model", "gs://b/export"],
     ], env=env)
     assert out == ["2"] * 5 + ["False"]
-    bound = (": Google Cloud Storage did not answer within 2 s (RESNET_IMAGENET_PREFLIGHT_TIMEOUT):"
+    bound = (": Google Cloud Storage did not answer within 1 s (RESNET_IMAGENET_PREFLIGHT_TIMEOUT):"
              " check this machine's network or proxy and its credentials (gcloud auth "
              "application-default login, GOOGLE_APPLICATION_CREDENTIALS or workload identity)")
     assert errors == [f"error: {flag}{bound}" for flag in (

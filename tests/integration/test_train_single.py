@@ -132,23 +132,18 @@ def one_step(data_dir, tmp_path_factory) -> tuple[str, dict]:
                                       base_learning_rate=0.0, weight_decay=3e-3))
 
 
-def trainable_values(checkpoint: str) -> list[np.ndarray]:
-    model = build_resnet(18, 10, 32)
-    tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial()
-    return [v.numpy() for v in model.trainable_variables]
+def test_the_seed_seeds_the_initial_weights(data_dir, tmp_path):
+    """The trainer's model as built, before any step: the same --seed, the same weights;
+    another seed, others."""
+    def initial_weights(seed: int) -> list[np.ndarray]:
+        trainer = loop._Trainer(tiny(data_dir, tmp_path / f"model-{seed}", seed=seed))
+        trainer._build()
+        return [v.numpy() for v in trainer.model.trainable_variables]
 
-
-def test_the_seed_seeds_the_initial_weights(one_step, data_dir, tmp_path):
-    """At learning rate 0 the checkpoint holds the initial weights: the same --seed, the same
-    weights; another seed, others."""
-    again, other = (loop.train(tiny(data_dir, tmp_path / name, train_steps=1, batch_size=8,
-                                    base_learning_rate=0.0, weight_decay=3e-3, seed=seed))
-                    for name, seed in (("again", 0), ("other", 1)))
-    first = trainable_values(one_step[1]["checkpoint"])
-    assert all(np.array_equal(a, b)
-               for a, b in zip(first, trainable_values(again["checkpoint"]), strict=True))
-    assert not any(np.array_equal(a, b) for a, b in zip(first, trainable_values(
-        other["checkpoint"]), strict=True) if a.std() > 0)
+    first, again, other = initial_weights(0), initial_weights(0), initial_weights(1)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not any(np.array_equal(a, b) for a, b in zip(first, other, strict=True)
+                   if a.std() > 0)
 
 
 def test_l2_is_weight_decay_on_kernels_only(one_step):

@@ -74,10 +74,11 @@ class Backend:
                 return None
             raise
 
-    def prepare(self, plane, namespace: str) -> list[dict]:
+    def prepare(self, plane, namespace: str, without: frozenset[str] = frozenset()) -> list[dict]:
         """What the backend needs in a fresh namespace before a job can run there; for
         ``trainjob`` JobSet and Trainer v2 on the plane, the TrainingRuntimes and the
-        ServiceAccount they name. Returns the objects applied."""
+        ServiceAccount they name, less the objects named in ``without``. Returns the objects
+        applied."""
         if self.name != "trainjob":
             return []
         from tests.support import trainer_v2
@@ -87,6 +88,7 @@ class Backend:
         wanted = {("TrainingRuntime", trainjob.RUNTIME),
                   ("TrainingRuntime", trainjob.RUNTIME_WITH_EVALUATOR),
                   ("ServiceAccount", "resnet-imagenet")}
+        wanted = {(kind, name) for kind, name in wanted if name not in without}
         objects = [o for o in render_overlay(plane, namespace, with_trainer_v2=True)
                    if (o["kind"], o["metadata"]["name"]) in wanted]
         apply(plane, objects)
