@@ -46,6 +46,9 @@ class ClusterBackend(abc.ABC):
     rbac_hint: ClassVar[str]  # how a 403 message says to apply it
     containers: ClassVar[tuple[str, ...]]  # the training containers: logs streamed and quoted
     chief_prefix: ClassVar[str]  # how the chief's streamed log lines are prefixed: "worker-0"
+    # How a deletion reaches the pods. Foreground: the job stays until the garbage collector has
+    # removed its pods (and Background where the operator would fight that; see trainjob.py).
+    propagation_policy: ClassVar[str] = "Foreground"
 
     @property
     def resource(self) -> str:
@@ -122,7 +125,8 @@ class ClusterBackend(abc.ABC):
             self.group, self.version, namespace, self.plural, name, patch, **kwargs)
 
     def delete(self, custom, namespace: str, name: str, **kwargs) -> None:
-        """Ask for the job's deletion, its pods first (``propagationPolicy: Foreground``)."""
+        """Ask for the job's deletion with :attr:`propagation_policy`; the lifecycle then waits
+        until neither the job nor a pod of :meth:`pod_selector` is left."""
         custom.delete_namespaced_custom_object(
             self.group, self.version, namespace, self.plural, name,
-            body={"propagationPolicy": "Foreground"}, **kwargs)
+            body={"propagationPolicy": self.propagation_policy}, **kwargs)

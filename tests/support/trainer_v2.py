@@ -38,6 +38,17 @@ def missing_tools() -> list[str]:
     return [name for name in TOOLS if not plane_lib.tool_dir(name).is_dir()]
 
 
+def crd_paths() -> list[Path]:
+    """JobSet's and Trainer's CRDs at the pinned tags. The plane installs them with its own,
+    before kube-controller-manager starts, when the Trainer tools are built: a CRD created
+    later is known to the garbage collector only after its next discovery resync (every 30 s),
+    and until then the JobSet of a deleted TrainJob and its pods would stay."""
+    v = plane_lib.versions()
+    jobset_src = plane_lib.module_dir("sigs.k8s.io/jobset", v["JOBSET_VERSION"])
+    trainer_src = plane_lib.module_dir("github.com/kubeflow/trainer/v2", v["TRAINER_VERSION"])
+    return [jobset_src / JOBSET_CRD] + [trainer_src / p for p in TRAINER_CRDS]
+
+
 def _serving_cert(plane, directory: Path) -> None:
     """``tls.crt``/``tls.key`` for 127.0.0.1, signed by the plane's CA (which the webhook
     registrations then carry as their caBundle)."""
@@ -101,8 +112,7 @@ def start(plane, timeout: float = plane_lib.STARTUP_TIMEOUT_S) -> None:
     jobset_src = plane_lib.module_dir("sigs.k8s.io/jobset", v["JOBSET_VERSION"])
     trainer_src = plane_lib.module_dir("github.com/kubeflow/trainer/v2", v["TRAINER_VERSION"])
     apiserver = plane.components["kube-apiserver"]
-    plane._install_crds([jobset_src / JOBSET_CRD] + [trainer_src / p for p in TRAINER_CRDS],
-                        deadline, apiserver)
+    plane._install_crds(crd_paths(), deadline, apiserver)  # a no-op where the plane did
 
     work = plane.workdir / "trainer-v2"
     jobset_certs = work / "jobset-certs"

@@ -19,7 +19,7 @@ DEFAULT_LOG_TAIL = 50
 # How long a job may have no replica running (pods unschedulable, never created, images not
 # pulled, crash-looping) before the launcher deletes it and fails: --start-timeout; 0 = for ever.
 DEFAULT_START_TIMEOUT = 1800.0
-# How long "deleting" waits for the job to be gone (Foreground: its pods terminate first).
+# How long "deleting" waits for the job and its pods to be gone.
 DEFAULT_DELETE_WAIT = 120.0
 
 
@@ -86,10 +86,17 @@ class JobRun:
         time.sleep(self.poll_interval if remaining is None else
                    min(self.poll_interval, remaining))
 
+    def pods_left(self) -> bool:
+        """Whether any pod of the job is still there (terminating or not)."""
+        with self.api("list", "pods"):
+            return bool(self.core.list_namespaced_pod(
+                self.namespace, label_selector=self.backend.pod_selector(self.name), limit=1,
+                _request_timeout=self.request_timeout).items)
+
     def delete(self, wait: float | None = None) -> bool:
-        """Delete the job if it is (or may be) ours, its pods first (Foreground), and wait (up
-        to ``wait``, default the delete wait) until it is gone. True when it is gone (or was
-        never ours)."""
+        """Delete the job if it is (or may be) ours (the backend's propagation policy), and wait
+        (up to ``wait``, default the delete wait) until neither it nor a pod of it is left. True
+        when they are gone (or it was never ours)."""
         wait = self.delete_wait if wait is None else wait
         if self.ours == "no":
             return True
@@ -97,7 +104,9 @@ class JobRun:
             with self.api("delete"):
                 self.backend.delete(self.custom, self.namespace, self.name,
                                     _request_timeout=self.request_timeout)
-            log.info("deleting %s (propagationPolicy=Foreground: its pods go first)", self.what)
+            log.info("deleting %s (propagationPolicy=%s)", self.what,
+                     "Foreground: its pods go first" if self.backend.propagation_policy ==
+                     "Foreground" else f"{self.backend.propagation_policy}: then its pods")
         except ApiException as exc:
             if exc.status == 404:
                 return True
@@ -111,16 +120,22 @@ class JobRun:
         give_up = time.monotonic() + wait
         while True:
             try:
-                gone = self.get() is None
+                job_left = self.get() is not None
+                pods_left = job_left or self.pods_left()
             except (UserError, ApiException) as exc:
                 log.error("could not check that %s is gone: %s", self.what, server_message(exc))
                 return False
-            if gone:
+            if not pods_left:
                 log.info("deleted %s", self.what)
                 return True
             if time.monotonic() >= give_up:
-                log.error("%s is still there %gs after its deletion (pods still terminating, or "
-                          "a finalizer holds it): see kubectl -n %s get %s %s -o yaml", self.what,
-                          wait, self.namespace, self.backend.short, self.name)
+                if job_left:
+                    log.error("%s is still there %gs after its deletion (pods still terminating, "
+                              "or a finalizer holds it): see kubectl -n %s get %s %s -o yaml",
+                              self.what, wait, self.namespace, self.backend.short, self.name)
+                else:
+                    log.error("the pods of %s are still there %gs after its deletion: see "
+                              "kubectl -n %s get pods -l %s", self.what, wait, self.namespace,
+                              self.backend.pod_selector(self.name))
                 return False
             time.sleep(min(self.poll_interval, 1.0, max(give_up - time.monotonic(), 0.01)))
