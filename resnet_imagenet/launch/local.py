@@ -103,6 +103,7 @@ def plan(workers: int, command: list[str], evaluator_command: list[str] | None =
 
     Worker ``i`` sees GPUs ``i*G .. i*G+G-1`` (CUDA_VISIBLE_DEVICES), so workers sharing a machine
     do not all grab every GPU; with G = 0 they see none, as a TFJob pod without a GPU limit does.
+    With G > 0 they are told G (``strategy.GPUS_ENV``), and stop if they see fewer.
     The evaluator sees none: it must not take memory from the workers' GPUs.
     """
     check_counts(workers, gpus_per_worker)
@@ -114,6 +115,7 @@ def plan(workers: int, command: list[str], evaluator_command: list[str] | None =
         replicas.append(Replica(f"worker-{index}", list(command), {
             "TF_CONFIG": tf_config(addresses, "worker", index) if distributed else None,
             "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus)),
+            strategy.GPUS_ENV: str(gpus_per_worker) if gpus_per_worker else None,
         }))
     if evaluator_command:
         replicas.append(Replica("evaluator-0", list(evaluator_command), {

@@ -16,6 +16,7 @@ from resnet_imagenet.launch import schema
 from resnet_imagenet.launch.backend import ClusterBackend, condition
 from resnet_imagenet.launch.options import APP_LABELS, GPU_RESOURCE, ClusterOptions
 from resnet_imagenet.launch.runtime import train_dirs
+from resnet_imagenet.training import strategy
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "tfjobs", "TFJob"
 RESOURCE = f"{PLURAL}.{GROUP}"
@@ -72,6 +73,8 @@ def _replica(opts: TFJobOptions, component: str, replicas: int, args: list[str],
              gpus: int) -> dict:
     """One entry of ``tfReplicaSpecs``: ``replicas`` pods running ``resnet-imagenet ARGS``."""
     env = opts.environment()
+    if gpus and component == "worker":  # the trainer stops if it sees fewer (--allow-cpu)
+        env.append({"name": strategy.GPUS_ENV, "value": str(gpus)})
     shared_volumes, shared_mounts = opts.shared_volumes()
     # tf.data and NCCL use /dev/shm, which is 64 MiB in a container unless a volume replaces it.
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, *shared_mounts]

@@ -119,7 +119,10 @@ def build_trainjob(opts: TrainJobOptions) -> dict:
         "resourcesPerNode": {"requests": {"cpu": str(opts.cpu), "memory": str(opts.memory)},
                              "limits": limits},
         "env": [*opts.environment(),
-                {"name": strategy.NUM_NODES_ENV, "value": str(opts.workers)}],
+                {"name": strategy.NUM_NODES_ENV, "value": str(opts.workers)},
+                # the trainer stops if it sees fewer (--allow-cpu)
+                *([{"name": strategy.GPUS_ENV, "value": str(opts.gpus_per_worker)}]
+                  if opts.gpus_per_worker else [])],
     }
     jobs = [{"name": NODE, "template": {"spec": {"template": _pod_patch(
         opts, NODE, bool(opts.gpus_per_worker), env=[])}}}]
@@ -151,6 +154,12 @@ class TrainJobBackend(ClusterBackend):
     rbac_manifest, rbac_hint = RBAC_MANIFEST, RBAC_HINT
     containers = (NODE, EVALUATOR)
     chief_prefix = f"{NODE}-0"
+    # Not Foreground: Trainer v2.3 goes on reconciling a TrainJob that is being deleted and
+    # applies its JobSet again each time the garbage collector has removed it, so a Foreground
+    # deletion ended only when the collector happened to win (on the test plane: 214 pods
+    # created, 150 s). Background removes the TrainJob at once; the collector then removes
+    # the JobSet, its Jobs and pods, and the launcher waits for the pods itself.
+    propagation_policy = "Background"
 
     def manifest(self, opts: TrainJobOptions) -> dict:
         return build_trainjob(opts)

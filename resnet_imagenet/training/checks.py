@@ -15,8 +15,33 @@ from resnet_imagenet.data import labels as labels_lib
 from resnet_imagenet.data import pipeline
 from resnet_imagenet.errors import UserError
 from resnet_imagenet.training import checkpoints
+from resnet_imagenet.training.strategy import GPUS_ENV
 
 log = logging.getLogger(__name__)
+
+
+def check_gpus(given: str | None, visible: int, allow_cpu: bool) -> None:
+    """A worker its launcher gave GPUs (``given``: :data:`strategy.GPUS_ENV`) must see them all:
+    a TensorFlow without CUDA, or a node without its driver, would otherwise train on the CPU,
+    ~50x slower, and say nothing. ``--allow-cpu`` makes it a warning."""
+    if not given:
+        return
+    try:
+        wanted = int(given)
+    except ValueError:
+        raise UserError(f"{GPUS_ENV}={given!r}: must be a whole number of GPUs") from None
+    if visible >= wanted:
+        return
+    problem = (f"this worker was given {wanted} GPU{'s' if wanted != 1 else ''} "
+               f"(--gpus-per-worker, {GPUS_ENV}) but TensorFlow sees "
+               f"{visible or 'none'}")
+    if allow_cpu:
+        log.warning("%s; training on %s (--allow-cpu)", problem,
+                    f"{visible} GPU{'s' if visible != 1 else ''}" if visible else "the CPU")
+        return
+    raise UserError(f"{problem}: install TensorFlow with CUDA (pip install 'tensorflow[and-cuda]'"
+                    ", or the trainer image) and check the driver with nvidia-smi, or pass "
+                    "--allow-cpu to train on what is visible")
 
 
 def resolve_precision(setting: str, gpus: list) -> str:

@@ -26,6 +26,7 @@ import os
 from resnet_imagenet import config as config_lib
 from resnet_imagenet.config import RESNET_DEPTHS, SECTIONS, TrainConfig
 from resnet_imagenet.errors import UserError
+from resnet_imagenet.training import strategy
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the effective settings and the learning rate at step 0 and "
                              "at every boundary as one JSON object, then exit; reads no data "
                              "(epoch-based schedules take --num-train-images or DATA/manifest.json)")
+    # How this run uses the hardware, not a setting of the model: not in config.json.
+    parser.add_argument("--allow-cpu", action="store_true",
+                        help="go on, with a warning, when this worker sees fewer GPUs than its "
+                             f"launcher gave it ({strategy.GPUS_ENV}, set by `launch "
+                             "--gpus-per-worker`); without it such a worker stops before training")
     # Defaults are suppressed so that run() can tell the flags given from those left out.
     defaults = TrainConfig().to_dict()
     for section, settings in SECTIONS.items():
@@ -174,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     from resnet_imagenet.training import loop, stopping
 
     try:
-        summary = loop.train(config)
+        summary = loop.train(config, allow_cpu=args.allow_cpu)
     except stopping.RestartRequired as exc:
         log.warning("%s (exit status %d: retryable)", exc, stopping.RETRYABLE_EXIT_CODE)
         return stopping.RETRYABLE_EXIT_CODE

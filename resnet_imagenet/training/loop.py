@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 
 from resnet_imagenet import config as config_lib
@@ -39,8 +40,9 @@ SUMMARY_FILE = "train_summary.json"
 _METRICS = ("loss", "cross_entropy", "l2", "correct", "stop")
 
 
-def train(config: TrainConfig) -> dict:
+def train(config: TrainConfig, *, allow_cpu: bool = False) -> dict:
     """Train as ``config`` says, resuming from ``MODEL/checkpoints``; returns the summary.
+    ``allow_cpu``: go on (warn) when this worker sees fewer GPUs than its launcher gave it.
 
     Every worker of a cluster runs this with the same config; ``TF_CONFIG`` tells them apart.
     Raises (from :mod:`~resnet_imagenet.training.stopping`) ``Preempted`` after a
@@ -52,13 +54,13 @@ def train(config: TrainConfig) -> dict:
 
     previous_policy = keras.mixed_precision.global_policy()
     try:
-        return _Trainer(config).run()
+        return _Trainer(config, allow_cpu=allow_cpu).run()
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
 class _Trainer:
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, *, allow_cpu: bool = False):
         config = config.validate().effective()
         if not config.data.data_dir or not config.runtime.model_dir:
             raise UserError("--data-dir and --model-dir are required")
@@ -67,13 +69,15 @@ class _Trainer:
         # Everything that can be refused is checked before a server starts or a file is written.
         strategy_lib.ensure_tf_config()  # under Trainer v2, from what JobSet gives the pod
         self.cluster = strategy_lib.cluster_from_env()
+        gpus = len(strategy_lib.local_gpus())
+        checks.check_gpus(os.environ.get(strategy_lib.GPUS_ENV), gpus, allow_cpu)
         self.train_pattern = tfrecord.shard_pattern(self.config.data.data_dir, "train")
         files = pipeline.list_files(self.train_pattern)
         if not self.config.data.data_service:
             pipeline.shard_files(files, self.cluster.num_workers, self.cluster.worker_id)
         # Every worker has the same devices, so the replica count is known before the strategy
         # starts (which, multi-worker, waits for the whole cluster).
-        replicas = self.cluster.num_workers * max(1, len(strategy_lib.local_gpus()))
+        replicas = self.cluster.num_workers * max(1, gpus)
         checks.check_batch(self.config.optimization.batch_size, replicas)
         checks.check_model_dir(self.config)
         checks.check_classes(self.config)

@@ -40,6 +40,9 @@ REPLICATED_JOB_ENV = "JOBSET_REPLICATED_JOB"  # jobset.sigs.k8s.io/replicatedjob
 JOB_INDEX_ENV = "JOBSET_JOB_INDEX"  # jobset.sigs.k8s.io/job-index: 0 (one node Job)
 # The TrainJob's spec.trainer.env (the launcher sets it to numNodes): no label carries it.
 NUM_NODES_ENV = "RESNET_IMAGENET_NUM_NODES"
+# The GPUs a launcher gave this worker (`launch --gpus-per-worker`, every backend sets it): the
+# trainer stops when it sees fewer (a CPU-only TensorFlow, no driver) unless --allow-cpu.
+GPUS_ENV = "RESNET_IMAGENET_GPUS"
 # Optional: the runtime's spec.network.subdomain; JobSet's default is the JobSet's name.
 SUBDOMAIN_ENV = "JOBSET_SUBDOMAIN"
 _JOBSET_ENVS = (COMPLETION_INDEX_ENV, JOBSET_NAME_ENV, REPLICATED_JOB_ENV, JOB_INDEX_ENV)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from resnet_imagenet.launch import local
+from resnet_imagenet.training import strategy
 
 # A stand-in worker: installs a SIGTERM handler, starts a child of its own (which must not
 # outlive the launch either), records both pids, prints its TF_CONFIG, waits until PEERS
@@ -113,6 +114,9 @@ def test_tf_config_has_the_shape_training_operator_injects():
 def test_gpus_are_divided_between_workers():
     replicas = local.plan(2, ["train"], evaluator_command=["evaluate"], gpus_per_worker=2)
     assert [r.env["CUDA_VISIBLE_DEVICES"] for r in replicas] == ["0,1", "2,3", ""]
+    # Each worker is told how many it was given, and stops if it sees fewer (test_train_cli.py).
+    assert [r.env.get(strategy.GPUS_ENV) for r in replicas] == ["2", "2", None]
+    assert all(strategy.GPUS_ENV not in r.environ() for r in local.plan(2, ["train"]))
 
 
 def test_workers_run_with_their_tf_config_and_prefixed_output(tmp_path):

@@ -136,3 +136,24 @@ def test_under_trainer_v2_the_trainer_builds_tf_config_from_the_jobset_env(tmp_p
     assert 'TF_CONFIG from the JobSet: {"cluster":{"worker":["r-node-0-0.r:2222",' \
            '"r-node-0-1.r:2222"]},"task":{"type":"worker","index":1}' in result.stderr
     assert result.returncode == 2 and "no TFRecord shards match" in result.stderr
+
+
+def test_a_worker_given_gpus_it_cannot_see_stops_unless_allow_cpu(tmp_path):
+    """What `launch --gpus-per-worker 1` on a machine without a GPU (or a CPU-only TensorFlow in
+    the image) used to do: train on the CPU, ~50x slower, without a word. Now the worker stops
+    before it reads anything; --allow-cpu makes it a warning and training goes on."""
+    args = ("--data-dir", str(tmp_path / "nothing"), "--model-dir", str(tmp_path / "m"))
+    refused = run_cli(*args, RESNET_IMAGENET_GPUS="1")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: this worker was given 1 GPU (--gpus-per-worker, RESNET_IMAGENET_GPUS) but "
+        "TensorFlow sees none: install TensorFlow with CUDA (pip install 'tensorflow[and-cuda]', "
+        "or the trainer image) and check the driver with nvidia-smi, or pass --allow-cpu to "
+        "train on what is visible"], refused.stderr
+    allowed = run_cli(*args, "--allow-cpu", RESNET_IMAGENET_GPUS="2")
+    assert ("this worker was given 2 GPUs (--gpus-per-worker, RESNET_IMAGENET_GPUS) but "
+            "TensorFlow sees none; training on the CPU (--allow-cpu)") in allowed.stderr
+    # It went on, to the next check: the missing shards.
+    assert allowed.returncode == 2 and "no TFRecord shards match" in allowed.stderr
+    assert not (tmp_path / "m").exists()

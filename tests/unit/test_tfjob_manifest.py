@@ -11,6 +11,7 @@ from resnet_imagenet import cli
 from resnet_imagenet.errors import UserError
 from resnet_imagenet.launch import options, schema, tfjob
 from resnet_imagenet.launch.lifecycle.submit import launcher_pod_owner
+from resnet_imagenet.training import strategy
 
 TRAIN = ["--data-dir", "gs://bucket/tfrecords", "--model-dir", "gs://bucket/model",
          "--batch-size", "256"]
@@ -104,6 +105,10 @@ def test_gpus_node_pool_and_evaluator():
     worker, evaluator = pod(job), pod(job, "Evaluator")
     assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
     assert evaluator["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # A worker that sees fewer GPUs than this stops (test_train_cli.py); the evaluator watches.
+    assert {"name": strategy.GPUS_ENV, "value": "2"} in worker["containers"][0]["env"]
+    assert "env" not in evaluator["containers"][0]
+    assert "env" not in pod(build())["containers"][0]
     assert worker["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-tesla-v100"}
     assert worker["tolerations"] == [
         {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"},

@@ -65,7 +65,8 @@ def test_gpu_pool_settings_go_into_the_runtime_patch():
     assert job["spec"]["activeDeadlineSeconds"] == 7200
     env = {e["name"]: e["value"] for e in job["spec"]["trainer"]["env"]}
     assert env == {"NCCL_DEBUG": "WARN", "GOOGLE_APPLICATION_CREDENTIALS":
-                   "/var/secrets/google/key.json", strategy.NUM_NODES_ENV: "4"}
+                   "/var/secrets/google/key.json", strategy.NUM_NODES_ENV: "4",
+                   strategy.GPUS_ENV: "8"}  # fewer visible: the trainer stops
     spec = patched_pod(job)["spec"]
     assert spec["serviceAccountName"] == "trainer"
     assert spec["nodeSelector"] == {"pool": "a", "cloud.google.com/gke-accelerator":
