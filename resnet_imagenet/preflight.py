@@ -114,7 +114,9 @@ def check_pipeline(*, raw: tuple[str, str], tfrecord: tuple[str, str],
     ``raw`` and ``tfrecord`` are ``(pipeline parameter name, URI)``; ``outputs`` maps the
     other written URIs' parameter names to them (model, export). The raw data must be readable
     unless the TFRecords URI already holds a finished dataset (``manifest.json``), which then
-    only needs to be readable: the pipeline will not convert.
+    only needs to be readable: the pipeline will not convert. The raw data's top level (local
+    or gs://) must be the archives or the extracted layout: the conversion's own refusal would
+    come after the step's retries (kfp.local and Argo retry every failure).
     """
     checked = []
     (raw_name, raw_uri), (tfrecord_name, tfrecord_uri) = raw, tfrecord
@@ -122,8 +124,17 @@ def check_pipeline(*, raw: tuple[str, str], tfrecord: tuple[str, str],
     if tfrecord_uri and storage.is_remote(tfrecord_uri):
         with _requesting(tfrecord_uri, tfrecord_name, LIST, "listing the prefix"):
             finished = DATASET_MANIFEST in storage.listdir(tfrecord_uri)
-    if raw_uri and storage.is_remote(raw_uri) and not finished:
-        names = check_readable(raw_uri, raw_name)
+    elif tfrecord_uri:
+        finished = os.path.isfile(os.path.join(tfrecord_uri, DATASET_MANIFEST))
+    if raw_uri and not finished:
+        if storage.is_remote(raw_uri):
+            names = check_readable(raw_uri, raw_name)
+        elif os.path.isdir(raw_uri):
+            names = os.listdir(raw_uri)
+        else:
+            raise UserError(f"pipeline parameter {raw_name}={raw_uri} is not a directory: point "
+                            "it at the ILSVRC2012 archives or the extracted layout (train/, "
+                            "validation/, validation_labels.txt)")
         from resnet_imagenet.data import archives
 
         if not archives.detect(raw_uri) and "train" not in names:

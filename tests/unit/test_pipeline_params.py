@@ -305,3 +305,26 @@ def test_bad_parameters_stop_the_pipeline_at_its_first_step(tmp_path, capsys):
     assert ("UserError: pipeline parameter train_batch_size=250 is not divisible by the 4 GPUs "
             "(train_workers=4 x train_gpus_per_worker=1)") in out
     assert re.findall(r"Executing task '([^']+)'", out) == ["validate-parameters"]
+
+
+def test_a_wrong_raw_layout_stops_the_pipeline_at_its_first_step_without_retries(tmp_path, capsys):
+    """A raw directory that is neither the archives nor the extracted layout: refused by the
+    (never retried) validate step, not by the conversion, whose refusal kfp.local (like Argo)
+    would retry four times with backoff."""
+    from kfp import local
+
+    from pipelines.resnet50_imagenet import resnet50_imagenet
+
+    raw = tmp_path / "raw"
+    (raw / "n01440764").mkdir(parents=True)  # class folders one level too high
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
+    with pytest.raises(RuntimeError, match="Inner task failed: .*validate-parameters"):
+        resnet50_imagenet(train_backend="local", data_raw_uri=str(raw),
+                          data_tfrecord_uri=str(tmp_path / "t"),
+                          data_model_uri=str(tmp_path / "m"), data_export_uri=str(tmp_path / "e"))
+    out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    assert (f"UserError: pipeline parameter data_raw_uri={raw} holds neither the four ILSVRC2012 "
+            "archives (ILSVRC2012_img_train.tar, ") in out
+    assert "nor the extracted layout (train/, validation/, validation_labels.txt)" in out
+    assert re.findall(r"Executing task '([^']+)'", out) == ["validate-parameters"]
+    assert not (tmp_path / "t").exists()
