@@ -154,11 +154,9 @@ class TrainJobBackend(ClusterBackend):
     rbac_manifest, rbac_hint = RBAC_MANIFEST, RBAC_HINT
     containers = (NODE, EVALUATOR)
     chief_prefix = f"{NODE}-0"
-    # Not Foreground: Trainer v2.3 goes on reconciling a TrainJob that is being deleted and
-    # applies its JobSet again each time the garbage collector has removed it, so a Foreground
-    # deletion ended only when the collector happened to win (on the test plane: 214 pods
-    # created, 150 s). Background removes the TrainJob at once; the collector then removes
-    # the JobSet, its Jobs and pods, and the launcher waits for the pods itself.
+    # Not Foreground: Trainer v2.3 applies the JobSet of a TrainJob that waits for its
+    # dependents again each time the garbage collector removed it (docs/launching.md). The
+    # TrainJob goes at once; the launcher waits for the pods.
     propagation_policy = "Background"
 
     def manifest(self, opts: TrainJobOptions) -> dict:

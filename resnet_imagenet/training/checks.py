@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def check_gpus(given: str | None, visible: int, allow_cpu: bool) -> None:
     """A worker its launcher gave GPUs (``given``: :data:`strategy.GPUS_ENV`) must see them all:
     a TensorFlow without CUDA, or a node without its driver, would otherwise train on the CPU,
-    ~50x slower, and say nothing. ``--allow-cpu`` makes it a warning."""
+    many times slower, without a word. ``--allow-cpu`` makes it a warning."""
     if not given:
         return
     try:
