@@ -125,12 +125,12 @@ def check_pipeline(*, raw: tuple[str, str], tfrecord: tuple[str, str],
         with _requesting(tfrecord_uri, tfrecord_name, LIST, "listing the prefix"):
             finished = DATASET_MANIFEST in storage.listdir(tfrecord_uri)
     elif tfrecord_uri:
-        finished = os.path.isfile(os.path.join(tfrecord_uri, DATASET_MANIFEST))
+        finished = storage.exists(storage.join(tfrecord_uri, DATASET_MANIFEST))
     if raw_uri and not finished:
         if storage.is_remote(raw_uri):
             names = check_readable(raw_uri, raw_name)
-        elif os.path.isdir(raw_uri):
-            names = os.listdir(raw_uri)
+        elif storage.isdir(raw_uri):
+            names = storage.listdir(raw_uri)
         else:
             raise UserError(f"pipeline parameter {raw_name}={raw_uri} is not a directory: point "
                             "it at the ILSVRC2012 archives or the extracted layout (train/, "

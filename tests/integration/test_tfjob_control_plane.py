@@ -69,8 +69,15 @@ def test_four_workers_get_the_tf_config_the_local_backend_writes(control_plane, 
     opts = TFJOB.options(kube_namespace, workers=4)
     with launching(TFJOB, control_plane.admin(), opts) as (result, _):
         pods = running_pods(control_plane, TFJOB, kube_namespace, "resnet-test", 4, timeout=30.0)
-        services = core(control_plane).list_namespaced_service(
-            kube_namespace, label_selector=f"{tfjob.JOB_NAME_LABEL}=resnet-test").items
+
+        def services():
+            return core(control_plane).list_namespaced_service(
+                kube_namespace, label_selector=f"{tfjob.JOB_NAME_LABEL}=resnet-test").items
+
+        # The operator creates each worker's Service after its pod: kwok can run all four pods
+        # before the last Services exist.
+        wait_until(lambda: len(services()) == 4, timeout=30.0, what="four worker Services")
+        names = sorted(s.metadata.name for s in services())
         configs = []
         for pod in pods:
             (container,) = pod.spec.containers
@@ -79,8 +86,7 @@ def test_four_workers_get_the_tf_config_the_local_backend_writes(control_plane, 
         finish(control_plane, kube_namespace, pods)
         assert result.result(timeout=60) == 0
 
-    assert sorted(s.metadata.name for s in services) == [f"resnet-test-worker-{i}"
-                                                          for i in range(4)]
+    assert names == [f"resnet-test-worker-{i}" for i in range(4)]
     local_replicas = local.plan(4, ["train", *TRAIN])
     local_configs = [strategy.cluster_from_env(r.environ()) for r in local_replicas]
     assert [(c.num_workers, c.task_type, c.task_index, c.worker_id, c.is_chief)

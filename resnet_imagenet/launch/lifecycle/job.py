@@ -121,11 +121,11 @@ class JobRun:
         while True:
             try:
                 job_left = self.get() is not None
-                pods_left = job_left or self.pods_left()
+                left = job_left or self.pods_left()
             except (UserError, ApiException) as exc:
                 log.error("could not check that %s is gone: %s", self.what, server_message(exc))
                 return False
-            if not pods_left:
+            if not left:
                 log.info("deleted %s", self.what)
                 return True
             if time.monotonic() >= give_up:
