@@ -140,8 +140,8 @@ def test_under_trainer_v2_the_trainer_builds_tf_config_from_the_jobset_env(tmp_p
 
 def test_a_worker_given_gpus_it_cannot_see_stops_unless_allow_cpu(tmp_path):
     """What `launch --gpus-per-worker 1` on a machine without a GPU (or a CPU-only TensorFlow in
-    the image) used to do: train on the CPU, many times slower, without a word. Now the worker stops
-    before it reads anything; --allow-cpu makes it a warning and training goes on."""
+    the image) used to do: train on the CPU, many times slower, without a word. Now the worker
+    stops before it reads anything; --allow-cpu makes it a warning and training goes on."""
     args = ("--data-dir", str(tmp_path / "nothing"), "--model-dir", str(tmp_path / "m"))
     refused = run_cli(*args, RESNET_IMAGENET_GPUS="1")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
