@@ -586,7 +586,7 @@ class ControlPlane:
         from tests.support import trainer_v2  # it imports this module
 
         if not trainer_v2.missing_tools():  # JobSet and Trainer themselves start on demand
-            crds += trainer_v2.crd_paths()
+            crds += trainer_v2.crd_paths(*trainer_v2.sources())
         self._install_crds(crds, deadline, apiserver)
         self._prepare_operator(op_webhook)
 

@@ -38,14 +38,18 @@ def missing_tools() -> list[str]:
     return [name for name in TOOLS if not plane_lib.tool_dir(name).is_dir()]
 
 
-def crd_paths() -> list[Path]:
-    """JobSet's and Trainer's CRDs at the pinned tags. The plane installs them with its own,
-    before kube-controller-manager starts, when the Trainer tools are built: a CRD created
-    later is known to the garbage collector only after its next discovery resync (every 30 s),
-    and until then the JobSet of a deleted TrainJob and its pods would stay."""
+def sources() -> tuple[Path, Path]:
+    """JobSet's and Trainer's source trees at the pinned tags (the Go module cache)."""
     v = plane_lib.versions()
-    jobset_src = plane_lib.module_dir("sigs.k8s.io/jobset", v["JOBSET_VERSION"])
-    trainer_src = plane_lib.module_dir("github.com/kubeflow/trainer/v2", v["TRAINER_VERSION"])
+    return (plane_lib.module_dir("sigs.k8s.io/jobset", v["JOBSET_VERSION"]),
+            plane_lib.module_dir("github.com/kubeflow/trainer/v2", v["TRAINER_VERSION"]))
+
+
+def crd_paths(jobset_src: Path, trainer_src: Path) -> list[Path]:
+    """JobSet's and Trainer's CRDs. The plane installs them with its own, before
+    kube-controller-manager starts, when the Trainer tools are built: a CRD created later is
+    known to the garbage collector only after its next discovery resync (every 30 s), and until
+    then the JobSet of a deleted TrainJob and its pods would stay."""
     return [jobset_src / JOBSET_CRD] + [trainer_src / p for p in TRAINER_CRDS]
 
 
@@ -108,11 +112,10 @@ def start(plane, timeout: float = plane_lib.STARTUP_TIMEOUT_S) -> None:
             f"the Trainer v2 binaries are not built yet ({', '.join(missing)}): run "
             "`tools/build.sh jobset trainer` once")
     deadline = time.monotonic() + timeout
-    v = plane_lib.versions()
-    jobset_src = plane_lib.module_dir("sigs.k8s.io/jobset", v["JOBSET_VERSION"])
-    trainer_src = plane_lib.module_dir("github.com/kubeflow/trainer/v2", v["TRAINER_VERSION"])
+    jobset_src, trainer_src = sources()
     apiserver = plane.components["kube-apiserver"]
-    plane._install_crds(crd_paths(), deadline, apiserver)  # a no-op where the plane did
+    # A no-op where the plane installed them at its start.
+    plane._install_crds(crd_paths(jobset_src, trainer_src), deadline, apiserver)
 
     work = plane.workdir / "trainer-v2"
     jobset_certs = work / "jobset-certs"
