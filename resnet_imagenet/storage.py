@@ -228,15 +228,20 @@ def listdir(uri: str) -> list[str]:
 
 
 def walk_files(uri: str) -> Iterator[str]:
-    """Every file under ``uri``, recursively, as full URIs in sorted order."""
+    yield from sorted(sizes(uri, recursive=True))  # full URIs of every file under uri
+
+
+def sizes(uri: str, recursive: bool = False) -> dict[str, int]:
+    """``{full URI: bytes}`` of the files directly under ``uri`` (every one below it with
+    ``recursive``): on GCS one listing, not a request per file; ``{}`` when it does not exist."""
     uri = normalize(uri)
     if not is_remote(uri):
-        found = [os.path.join(d, n) for d, _, files in os.walk(uri) for n in files]
-        yield from sorted(found)
-        return
+        walk = os.walk(uri) if recursive else [next(os.walk(uri), (uri, [], []))]
+        return {os.path.join(d, n): os.path.getsize(os.path.join(d, n))
+                for d, _, files in walk for n in files}
     bucket, key = _split(uri)
-    names = [b.name for b in _list(bucket, key + "/" if key else "") if not b.name.endswith("/")]
-    yield from (f"gs://{bucket}/{name}" for name in sorted(names))
+    blobs = _list(bucket, key + "/" if key else "", **({} if recursive else {"delimiter": "/"}))
+    return {f"gs://{bucket}/{b.name}": int(b.size) for b in blobs if not b.name.endswith("/")}
 
 
 def glob(pattern: str) -> list[str]:
@@ -276,8 +281,7 @@ def size(uri: str) -> int:
 
 
 def is_empty_dir(uri: str) -> bool:
-    """True when ``uri`` does not exist or holds nothing."""
-    return not listdir(uri)
+    return not listdir(uri)  # a missing directory too
 
 
 def read_bytes(uri: str) -> bytes:
@@ -586,11 +590,7 @@ def rmtree(uri: str) -> None:
     """Delete a directory and everything under it, or a file; a missing one is not an error."""
     uri = normalize(uri)
     if not is_remote(uri):
-        if os.path.isdir(uri):
-            shutil.rmtree(uri)
-        elif os.path.exists(uri):
-            os.remove(uri)
-        return
+        return shutil.rmtree(uri) if os.path.isdir(uri) else remove(uri)
     bucket, key = _split(uri)
     for blob in _list(bucket, key + "/" if key else ""):
         with contextlib.suppress(_not_found()):

@@ -88,6 +88,13 @@ def test_directory_listing(root):
         storage.join(root, *rel.split("/"))
         for rel in ["a/sub/z.txt", "a/x.txt", "a/y.bin", "b.txt", "c/d/e.txt"]
     ]
+    # Sizes from one listing: the files directly under a directory (not its directories).
+    assert storage.sizes(storage.join(root, "a")) == {
+        storage.join(root, "a", "x.txt"): len("a/x.txt"),
+        storage.join(root, "a", "y.bin"): len("a/y.bin")}
+    assert storage.sizes(storage.join(root, "a"), recursive=True)[
+        storage.join(root, "a", "sub", "z.txt")] == len("a/sub/z.txt")
+    assert storage.sizes(storage.join(root, "missing")) == {}
 
 
 def test_atomic_write_is_complete_or_absent(root):
