@@ -154,7 +154,9 @@ def finalize(out_dir: str) -> dict:
     for split in ("train", "validation"):
         split_names = [n for n in names if n.startswith(split + "-")]
         manifest[split] = {"shards": len(split_names),
-                           "images": sum(records[n]["images"] for n in split_names)}
+                           "images": sum(records[n]["images"] for n in split_names),
+                           # in shard order: what a reader finds short in a damaged shard
+                           "shard_images": [records[n]["images"] for n in split_names]}
     manifest["skipped"] = sorted((s for n in names for s in records[n]["skipped"]),
                                  key=lambda s: s["file"])
     storage.write_text(storage.join(out_dir, LABELS_FILE), "".join(

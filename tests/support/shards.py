@@ -108,6 +108,12 @@ def make_shards(raw_dir: str, out_dir: str, train_shards: int = 2, validation_sh
         "schema": "inception",
     }
     if manifest:
+        # As the converter's: each split's records per shard too (round-robin above).
+        written = {**counts}
+        for split, records, shards in (("train", train, train_shards),
+                                       ("validation", validation, validation_shards)):
+            written[split] = {**counts[split], "shard_images": [
+                len(records[index::shards]) for index in range(shards)]}
         with open(os.path.join(out_dir, "manifest.json"), "w") as f:
-            json.dump(counts, f, indent=1)
+            json.dump(written, f, indent=1)
     return counts

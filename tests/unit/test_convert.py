@@ -82,8 +82,10 @@ def test_demo_dataset_converts_and_reads_back(demo_raw, clean):
     assert (clean / "labels.txt").read_text().split() == synsets
     manifest = json.loads((clean / "manifest.json").read_text())
     assert {k: manifest[k] for k in ("train", "validation", "classes", "skipped", "schema")} == {
-        "train": {"shards": 4, "images": 160}, "validation": {"shards": 2, "images": 40},
+        "train": {"shards": 4, "images": 160, "shard_images": [40, 40, 40, 40]},
+        "validation": {"shards": 2, "images": 40, "shard_images": [20, 20]},
         "classes": 10, "skipped": [], "schema": "inception"}
+    assert [len(read_records(str(s))) for s in shard_files(clean)] == [40] * 4 + [20] * 2
     assert manifest["class_text"] == texts  # the label map's texts (resnet_imagenet.data.labels)
     assert labels.from_data_dir(str(clean))[3] == \
         {"label": 4, "synset": "n00000003", "text": "digit three"}
@@ -141,7 +143,8 @@ def test_more_shards_than_images_gives_empty_shards(demo_raw, tmp_path):
     sizes = [len(read_records(str(p))) for p in shard_files(tmp_path / "out")
              if p.name.startswith("validation-")]
     assert len(sizes) == 50 and sum(sizes) == 40 and 0 in sizes
-    assert result["manifest"]["validation"] == {"shards": 50, "images": 40}
+    assert result["manifest"]["validation"] == {"shards": 50, "images": 40,
+                                                "shard_images": sizes}
 
 
 def test_a_rerun_of_a_complete_output_writes_nothing(demo_raw, clean, tmp_path):
