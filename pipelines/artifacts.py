@@ -73,7 +73,8 @@ def saved_model(export_path: str, path: str) -> dict:
 
 def metrics(result: dict) -> dict[str, float]:
     """The scalar figures of an evaluation result, for a KFP ``Metrics`` artifact."""
-    return {key: float(result[key]) for key in ("top1", "top5", "images") if key in result}
+    return {key: float(result[key]) for key in ("top1", "top5", "images", "skipped_records")
+            if key in result}
 
 
 # The final training figures worth comparing between runs in the KFP UI: name -> the key of
@@ -86,6 +87,7 @@ TRAINING_METRICS = {
     "steps": "step",
     "epochs": "epoch",
     "elapsed_hours": "elapsed_seconds",
+    "skipped_records": "skipped_records",  # unreadable training records (--max-bad-records)
 }
 
 

@@ -92,11 +92,16 @@ class DataSettings:
     shuffle_buffer: int = 10_000
     data_service: str = ""
     seed: int = 0
+    # unreadable records skipped before training stops: a share of those seen, or a count
+    max_bad_records: str = "0.1%"
 
     def validate(self) -> None:
+        from resnet_imagenet.data.bad_records import Bound
+
         if not 0.0 < self.min_crop_area <= 1.0:
             raise UserError("--min-crop-area must be in (0, 1]")
         _not_negative(self, ("num_train_images",))
+        Bound(self.max_bad_records)
 
 
 @dataclass

@@ -247,7 +247,7 @@ class Evaluator:
     def __init__(self, data_dir: str, model_dir: str, batch_size: int = DEFAULT_BATCH_SIZE):
         import tensorflow as tf
 
-        from resnet_imagenet.data import pipeline
+        from resnet_imagenet.data import bad_records, pipeline
 
         if batch_size < 1:
             raise UserError("--batch-size must be at least 1")
@@ -261,9 +261,10 @@ class Evaluator:
                           or labels_lib.from_records(self.data_dir, self.config.model.num_classes))
         files = validation_files(self.data_dir)
         self.expected_images = _expected_images(self.data_dir)
+        self.registry = bad_records.Registry()  # what each pass could not read
         self.dataset = pipeline.eval_dataset(
             tfrecord.shard_pattern(self.data_dir, "validation"), batch_size,
-            self.config.model.image_size)
+            self.config.model.image_size, registry=self.registry)
         log.info("validation: %d shards under %s, batches of %d", len(files), self.data_dir,
                  batch_size)
         self.model = build_model(self.config)
@@ -290,6 +291,7 @@ class Evaluator:
         top1 = np.zeros(n, np.int64)
         topk = np.zeros(n, np.int64)
         start = time.monotonic()
+        self.registry.clear()
         for batch, labels in self.dataset:
             labels = labels.numpy()
             if labels.size and (labels.min() < 0 or labels.max() >= n):
@@ -302,15 +304,24 @@ class Evaluator:
             top1 += np.bincount(labels, weights=hits[:, 0], minlength=n).astype(np.int64)
             topk += np.bincount(labels, weights=hits.any(axis=1), minlength=n).astype(np.int64)
         total = int(images.sum())
+        skipped, unreadable = self.registry.records, self.registry.shards()
         if total == 0:
-            raise UserError(f"no validation image could be read under {self.data_dir}")
-        if self.expected_images is not None and total != self.expected_images:
-            log.warning("evaluated %d images, but manifest.json lists %d validation images "
-                        "(undecodable records are skipped)", total, self.expected_images)
+            raise UserError(f"no validation image could be read under {self.data_dir}"
+                            + (f" ({skipped} unreadable records skipped in "
+                               f"{self.registry.describe()}): convert the validation split "
+                               "again" if skipped else ""))
+        if skipped:
+            log.warning("%d unreadable validation record(s) skipped, in %s: top-1 and top-5 "
+                        "are over the %d images read", skipped, self.registry.describe(), total)
+        elif self.expected_images is not None and total != self.expected_images:
+            log.warning("evaluated %d images, but manifest.json lists %d validation images",
+                        total, self.expected_images)
         metrics = {
             "top1": float(top1.sum() / total),
             "top5": float(topk.sum() / total),
             "images": total,
+            "skipped_records": skipped,
+            "unreadable_shards": unreadable,
             "checkpoint": restored.checkpoint,
             "step": restored.step,
             "model": describe(self.config),
@@ -331,6 +342,7 @@ class Evaluator:
         with self._writer.as_default(step=step):
             tf.summary.scalar("validation/top1", metrics["top1"])
             tf.summary.scalar("validation/top5", metrics["top5"])
+            tf.summary.scalar("data/skipped_records", metrics["skipped_records"])
         self._writer.flush()
 
     def _per_class(self, images, top1, topk) -> list[dict]:
@@ -446,8 +458,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _print_summary(metrics: dict) -> None:
+    skipped = metrics.get("skipped_records")
+    unreadable = (f", {skipped} unreadable records skipped in "
+                  f"{len(metrics['unreadable_shards'])} shard(s)" if skipped else "")
     print(f"step {metrics['step']}: top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  "
-          f"({metrics['images']} images, {metrics['checkpoint']})", flush=True)
+          f"(over {metrics['images']} images{unreadable}; {metrics['checkpoint']})", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -163,7 +163,9 @@ def render(model_dir: str, metrics: Mapping) -> str:
         charts.append(f"<p>No TensorBoard scalars under {html.escape(model_dir)}/logs.</p>")
 
     summary = [{"metric": key, "value": metrics[key]}
-               for key in ("top1", "top5", "images", "step", "checkpoint") if key in metrics]
+               for key in ("top1", "top5", "images", "skipped_records", "step", "checkpoint")
+               if key in metrics]
+    summary += _training_counts(model_dir)
     per_class = sorted(metrics.get("per_class") or [],
                        key=lambda row: (row.get("top1", 0), str(row.get("label", ""))))
     parts = [
@@ -180,6 +182,16 @@ def render(model_dir: str, metrics: Mapping) -> str:
         parts += ["<h2>Per class (worst first)</h2>", _table(per_class)]
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _training_counts(model_dir: str) -> list[dict]:
+    """The training run's unreadable records, from MODEL/train_summary.json (when written)."""
+    try:
+        trained = json.loads(storage.read_text(storage.join(model_dir, "train_summary.json")))
+    except (FileNotFoundError, ValueError):
+        return []
+    return [{"metric": f"training {key.replace('_', ' ')}", "value": trained[key]}
+            for key in ("skipped_records", "records_seen") if key in trained]
 
 
 def write(model_dir: str, metrics_path: str, output: str) -> None:

@@ -22,12 +22,14 @@ auto-shard heuristics. With ``data_service`` the pipeline runs on tf.data servic
 ``distributed_epoch`` mode instead: the dispatcher hands out the work, every element goes to one
 trainer, and no per-worker file sharding is needed.
 
-Images that fail to decode are dropped, never ending a multi-day run, and counted: records are
-decoded in small windows, each window's survivors are compared with its size, and every loss is
-reported on stderr by ``tf.print`` (so it shows on tf.data service workers too, and whatever
-TF_CPP_MIN_LOG_LEVEL is: ``ignore_errors(log_warning=True)`` alone logs through TensorFlow's C++
-logging, which the CLI silences). Measured on ImageNet-sized JPEGs, windows cost ~4% of the
-decoding time; one nested dataset per record would cost about as much as a decode.
+Records that cannot be read never end a multi-day run: a shard cut short by a truncation or a
+corrupt record is read up to the damage (:mod:`~resnet_imagenet.data.bad_records`), and a record
+that does not parse or decode is dropped. Records are decoded in small windows; each window's
+survivors are compared with its records, and every record skipped is named on stderr (shard and
+byte offset) and counted: the training stream carries the counts with its examples, and the
+training step all-reduces and bounds them (``--max-bad-records``).
+Measured on ImageNet-sized JPEGs, windows cost ~4% of the decoding time; one nested dataset per
+record would cost about as much as a decode.
 
 Labels come out as 0..N-1 (the record's 1..N label minus one).
 """
@@ -38,21 +40,20 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 
 import tensorflow as tf
 
 from resnet_imagenet import storage
+from resnet_imagenet.data import bad_records, preprocessing, tfrecord
 from resnet_imagenet.data import labels as labels_lib
-from resnet_imagenet.data import preprocessing, tfrecord
 from resnet_imagenet.errors import UserError
 
 log = logging.getLogger(__name__)
 
 AUTOTUNE = tf.data.AUTOTUNE
-READ_BUFFER_BYTES = 8 << 20  # per open shard: large sequential reads suit GCS and local disks
+READ_BUFFER_BYTES = bad_records.READ_BUFFER_BYTES
 DECODE_WINDOW = 32  # records decoded together (the unit of the failure count)
 MAX_EPOCHS = 1 << 40  # "forever": the training loop decides when to stop
 DATA_SERVICE_JOB = "resnet-imagenet-train"
@@ -118,12 +119,6 @@ def split_position(value: int) -> tuple[int, int]:
     return value >> POSITION_BITS, value & ((1 << POSITION_BITS) - 1)
 
 
-def _records(path):
-    """A shard's records, each with the shard's name (for error messages)."""
-    return tf.data.TFRecordDataset(path, buffer_size=READ_BUFFER_BYTES).map(
-        lambda record: (path, record))
-
-
 def _read_records(files_ds: tf.data.Dataset, deterministic: bool) -> tf.data.Dataset:
     return files_ds.interleave(
         lambda path: tf.data.TFRecordDataset(path, buffer_size=READ_BUFFER_BYTES),
@@ -133,20 +128,30 @@ def _read_records(files_ds: tf.data.Dataset, deterministic: bool) -> tf.data.Dat
     )
 
 
+def _shards(files: list[str]) -> tuple[tf.Tensor, ...]:
+    """The shards' names, then what finds those cut short (``bad_records.shard_facts``)."""
+    return (tf.constant(files),
+            *(tf.constant(facts, tf.int64) for facts in bad_records.shard_facts(files)))
+
+
 def _training_records(files: list[str], seed: int, start_epoch: int, skip: int,
                       shuffle_buffer: int) -> tf.data.Dataset:
-    """``(position, shard path, serialized)`` epoch after epoch, in an order that is a pure
-    function of ``seed``: each epoch's files in their (seed, epoch) order, read
-    ``READ_CYCLE`` at a time (a fixed count: AUTOTUNE would depend on the machine), records
-    shuffled within the epoch with a (seed, epoch) seed, then numbered. A resumed stream starts
-    at ``start_epoch`` and drops the first ``skip`` records of it before anything is decoded.
+    """``(position, shard path, offset, weight, serialized)`` (``bad_records.shard_records``)
+    epoch after epoch, in an order that is a pure function of ``seed`` and of the shards' bytes:
+    each epoch's files in their (seed, epoch) order, read ``READ_CYCLE`` at a time (a fixed
+    count: AUTOTUNE would depend on the machine), records shuffled within the epoch with a
+    (seed, epoch) seed, then numbered. A resumed stream starts at ``start_epoch`` and drops the
+    first ``skip`` records of it before anything is decoded.
     """
-    files_t = tf.constant(files)
+    shards = _shards(files)
     cycle = min(READ_CYCLE, len(files))
 
     def one_epoch(epoch):
-        records = tf.data.Dataset.from_tensor_slices(_file_order(files_t, seed, epoch)).interleave(
-            _records, cycle_length=cycle, num_parallel_calls=cycle, deterministic=True)
+        order = _file_order(tf.range(len(files)), seed, epoch)
+        records = tf.data.Dataset.from_tensor_slices(
+            tuple(tf.gather(facts, order) for facts in shards)).interleave(
+            bad_records.shard_records, cycle_length=cycle, num_parallel_calls=cycle,
+            deterministic=True)
         if shuffle_buffer > 1:
             # A Python seed: a tensor seed (one per epoch) breaks under a global seed of 0
             # (tf.random.set_seed(0): random_seed.get_seed compares the tensor as a bool). The
@@ -161,15 +166,22 @@ def _training_records(files: list[str], seed: int, start_epoch: int, skip: int,
 
 
 def _decode_counting_failures(records: tf.data.Dataset, decode, empty: tuple,
-                              deterministic: bool, check=None) -> tf.data.Dataset:
-    """``records`` (tuples whose components ``decode`` takes) -> decoded elements; undecodable
-    ones dropped, counted.
+                              deterministic: bool, check=None,
+                              registry: bad_records.Registry | None = None) -> tf.data.Dataset:
+    """``(id, path, offset, weight, serialized)`` records -> ``(image, label, id, skipped)``:
+    the records whose ``decode`` fails are dropped, named and counted.
 
-    Records are taken ``DECODE_WINDOW`` at a time. Inside a window, ``ignore_errors`` drops
-    the records whose ``decode`` fails and the survivors are batched back into one element,
-    padded by ``empty`` (a batch of none) so that a window whose records all fail still yields
-    its count. Windows are decoded in parallel (the interleave is the pipeline's parallel map).
-    ``check`` sees each decoded window (labels second) and returns what goes on.
+    ``decode`` takes a record's five components and returns ``(image, label, id, path)``; ids
+    are unique in the stream. Records are taken ``DECODE_WINDOW`` at a time. Inside a window,
+    ``ignore_errors`` drops the records whose ``decode`` fails and the survivors are batched
+    back into one element, padded by ``empty`` (a batch of none) so that a window whose records
+    all fail still yields; the ids missing from the survivors are the records skipped (each
+    shard's end marker fails too, and counts the records it lost: ``bad_records``). Windows
+    are decoded in parallel (the interleave is the pipeline's parallel map). ``check`` sees
+    each decoded window ``(images, labels, ids, paths)`` and returns ``(images, labels, ids)``.
+    ``skipped`` is the count of records skipped in the window, on its first example (a window
+    without one passes its count on to the next), so that the sum over the batches consumed is
+    what was lost on the way to them, to a window.
     """
 
     def decode_window(*window):
@@ -180,26 +192,28 @@ def _decode_counting_failures(records: tf.data.Dataset, decode, empty: tuple,
             .batch(DECODE_WINDOW)
         )
         decoded = survivors.concatenate(tf.data.Dataset.from_tensors(empty)).take(1)
-        size = tf.shape(window[0])[0]
-        return decoded.map(lambda *element: (*element, size))
+        return decoded.map(lambda *element: (*element, window[:4]))
 
     def report(*element):
-        *decoded, window_size = element
-        dropped = window_size - tf.shape(decoded[1])[0]
+        *decoded, (ids, paths, offsets, weights) = element
+        failed = tf.logical_not(tf.reduce_any(tf.equal(ids[:, None], decoded[2][None, :]), 1))
+        skipped = bad_records.report(failed, paths, offsets, weights, registry)
+        decoded = check(*decoded) if check else tuple(decoded[:3])
+        return (*decoded, skipped)
 
-        def log_drop():
-            tf.print("tf.data: dropped", dropped,
-                     "record(s) whose image could not be decoded", output_stream=sys.stderr)
-            return dropped
-
-        tf.cond(dropped > 0, log_drop, lambda: dropped)
-        return check(*decoded) if check else tuple(decoded)
+    def carry(pending, element):
+        *decoded, skipped = element
+        total = pending + skipped
+        count = tf.shape(decoded[0])[0]
+        per_example = tf.where(tf.range(count) == 0, total, tf.constant(0, tf.int64))
+        return tf.where(count > 0, tf.constant(0, tf.int64), total), (*decoded, per_example)
 
     return (
         records.batch(DECODE_WINDOW)
         .interleave(decode_window, cycle_length=AUTOTUNE, num_parallel_calls=AUTOTUNE,
                     deterministic=deterministic)
         .map(report)
+        .scan(tf.constant(0, tf.int64), carry)
         .unbatch()
     )
 
@@ -234,7 +248,7 @@ def _train_decoder(image_size: int, min_crop_area: float, random_flip: bool, see
     # Plain TF ops, no Python control flow: nothing for AutoGraph to convert (and it
     # mistakes the two nested ``decode`` functions of this module for one another).
     @tf.autograph.experimental.do_not_convert
-    def decode(position, path, serialized):
+    def decode(position, path, offset, weight, serialized):
         features = tfrecord.parse_example(serialized)
         image = preprocessing.preprocess_train(features["image"], features["bbox"], image_size,
                                                seed=seed, area_range=area_range,
@@ -246,9 +260,10 @@ def _train_decoder(image_size: int, min_crop_area: float, random_flip: bool, see
 
 def _eval_decoder(image_size: int):
     @tf.autograph.experimental.do_not_convert
-    def decode(serialized):
+    def decode(index, path, offset, weight, serialized):
         features = tfrecord.parse_example(serialized)
-        return preprocessing.preprocess_eval(features["image"], image_size), features["label"] - 1
+        return (preprocessing.preprocess_eval(features["image"], image_size),
+                features["label"] - 1, index, path)
 
     return decode
 
@@ -273,6 +288,8 @@ def train_dataset(
     skip: int = 0,
     num_classes: int = 0,
     with_positions: bool = False,
+    with_skipped: bool = False,
+    registry: bad_records.Registry | None = None,
     data_service: str = "",
     data_service_job: str = DATA_SERVICE_JOB,
     min_crop_area: float = preprocessing.AREA_RANGE[0],
@@ -286,7 +303,10 @@ def train_dataset(
     random crops and flips are drawn anew). ``start_epoch`` and ``skip`` resume a stream: it
     starts at that epoch, past its first ``skip`` records. ``with_positions`` adds a third
     component, int64 ``[B]``, each example's position (:func:`position`): the last one of the
-    last batch consumed is where to resume (epoch, index + 1). ``num_classes`` > 0 stops the
+    last batch consumed is where to resume (epoch, index + 1). ``with_skipped`` adds one more,
+    int64 ``[B]``: the records skipped (unreadable) on the way to each example, whose sum over
+    the batches consumed is the records lost so far (to a decode window of 32 records); ``registry`` learns which shards they were in
+    (not with ``data_service``: its workers run no Python). ``num_classes`` > 0 stops the
     stream with an error naming the shard at a label outside 1..num_classes.
     ``data_service`` (``grpc://host:port`` or ``host:port`` of a tf.data service dispatcher)
     runs the pipeline on its workers instead, in ``distributed_epoch`` mode (no exact resume);
@@ -302,9 +322,12 @@ def train_dataset(
              tf.zeros([0], tf.int64), tf.zeros([0], tf.string))
     ds = _decode_counting_failures(
         records, _train_decoder(image_size, min_crop_area, random_flip, seed), empty,
-        deterministic=True, check=_label_check(num_classes))
-    if not with_positions:
-        ds = ds.map(lambda images, labels, positions: (images, labels))
+        deterministic=True, check=_label_check(num_classes),
+        registry=None if data_service else registry)
+    if not (with_positions and with_skipped):
+        ds = ds.map(lambda images, labels, positions, skipped: (
+            images, labels, *((positions,) if with_positions else ()),
+            *((skipped,) if with_skipped else ())))
     ds = ds.batch(batch_size, drop_remainder=True)
     if data_service:
         # distributed_epoch splits the source (the epoch range) over the service workers, so
@@ -324,28 +347,36 @@ def eval_dataset(
     image_size: int = 224,
     *,
     input_context: tf.distribute.InputContext | None = None,
+    registry: bad_records.Registry | None = None,
 ) -> tf.data.Dataset:
-    """Every image of the matching shards exactly once, in ``(uint8 [b, S, S, 3], int32 [b])``.
+    """Every readable image of the matching shards exactly once, in ``(uint8 [b, S, S, 3],
+    int32 [b])``.
 
     The last batch may be smaller than ``batch_size`` (no image is left out). With an
-    ``input_context`` each pipeline gets its own files, as in training.
+    ``input_context`` each pipeline gets its own files, as in training. Records that cannot be
+    read are skipped, named on stderr and added to ``registry``.
     """
     files = _pipeline_files(file_pattern, input_context, sharded=True)
-    records = _read_records(tf.data.Dataset.from_tensor_slices(files), deterministic=True)
-    empty = (tf.zeros([0, image_size, image_size, 3], tf.uint8), tf.zeros([0], tf.int32))
-    ds = _decode_counting_failures(records.map(lambda record: (record,)),
-                                   _eval_decoder(image_size), empty, deterministic=True)
+    records = tf.data.Dataset.from_tensor_slices(_shards(files)).interleave(
+        bad_records.shard_records, cycle_length=AUTOTUNE, num_parallel_calls=AUTOTUNE,
+        deterministic=True)
+    records = records.enumerate().map(lambda index, record: (index, *record))
+    empty = (tf.zeros([0, image_size, image_size, 3], tf.uint8), tf.zeros([0], tf.int32),
+             tf.zeros([0], tf.int64), tf.zeros([0], tf.string))
+    ds = _decode_counting_failures(records, _eval_decoder(image_size), empty,
+                                   deterministic=True, registry=registry)
+    ds = ds.map(lambda images, labels, index, skipped: (images, labels))
     return ds.batch(batch_size).prefetch(AUTOTUNE).with_options(_options(deterministic=True))
 
 
 def count_records(file_pattern: str) -> int:
-    """Number of records in the matching files, by reading them once (no parsing)."""
-    files = list_files(file_pattern)
-    ds = tf.data.Dataset.from_tensor_slices(files).interleave(
-        lambda path: tf.data.TFRecordDataset(path, buffer_size=READ_BUFFER_BYTES),
-        cycle_length=AUTOTUNE, num_parallel_calls=AUTOTUNE, deterministic=False,
+    """Number of records in the matching files, by reading them once (no parsing); a shard cut
+    short counts the records read before the cut and the estimate of those after it."""
+    ds = tf.data.Dataset.from_tensor_slices(_shards(list_files(file_pattern))).interleave(
+        bad_records.shard_records, cycle_length=AUTOTUNE, num_parallel_calls=AUTOTUNE,
+        deterministic=False,
     )
-    return int(ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
+    return int(ds.reduce(tf.constant(0, tf.int64), lambda n, record: n + tf.abs(record[2])))
 
 
 def split_size(data_dir: str, split: str = "train") -> int:

@@ -67,6 +67,9 @@ HELP = {
     "data_service": "tf.data service dispatcher host:port: preprocess on its workers",
     "shuffle_buffer": "records in the shuffle buffer of each input pipeline",
     "seed": "seed of the weight initialisation, the augmentation and the per-epoch file order",
+    "max_bad_records": "unreadable training records (truncated or corrupt shards, images that "
+                       "do not decode) skipped before training stops: a share of the records "
+                       "seen, never of fewer than one epoch's (0.1%), or a count (500)",
 }
 
 
@@ -92,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(f"{section} settings")
         for field in dataclasses.fields(settings):
             default = defaults[field.name]
-            help_text = f"{HELP[field.name]} (default: {default!r})"
+            help_text = f"{HELP[field.name]} (default: {default!r})".replace("%", "%%")
             kwargs = {"default": argparse.SUPPRESS, "help": help_text, "dest": field.name}
             if isinstance(default, bool):
                 kwargs["action"] = argparse.BooleanOptionalAction
@@ -189,5 +192,10 @@ def run(args: argparse.Namespace) -> int:
             f"{summary['images_per_second']:.1f} images/s")
     if validation:
         line += f", validation top-1 {validation['top1']:.4f}, top-5 {validation['top5']:.4f}"
+        if validation.get("skipped_records"):
+            line += f" (over {validation['images']} images)"
+    if summary.get("skipped_records"):
+        line += (f"; {summary['skipped_records']} of {summary['records_seen']} training records "
+                 "unreadable, skipped (shards: train_summary.json, the log)")
     print(line)
     return 0

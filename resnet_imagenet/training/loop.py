@@ -26,7 +26,7 @@ from resnet_imagenet import config as config_lib
 from resnet_imagenet import storage
 from resnet_imagenet.config import TrainConfig
 from resnet_imagenet.data import labels as labels_lib
-from resnet_imagenet.data import pipeline, tfrecord
+from resnet_imagenet.data import bad_records, pipeline, tfrecord
 from resnet_imagenet.errors import UserError
 from resnet_imagenet.training import checkpoints, checks, schedules, steps
 from resnet_imagenet.training import strategy as strategy_lib
@@ -37,7 +37,7 @@ from resnet_imagenet.training.summaries import Summaries
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "train_summary.json"
-_METRICS = ("loss", "cross_entropy", "l2", "correct", "stop")
+_METRICS = ("loss", "cross_entropy", "l2", "correct", "stop", "skipped")
 
 
 def train(config: TrainConfig, *, allow_cpu: bool = False) -> dict:
@@ -81,6 +81,8 @@ class _Trainer:
         checks.check_batch(self.config.optimization.batch_size, replicas)
         checks.check_model_dir(self.config)
         checks.check_classes(self.config)
+        self.bound = bad_records.Bound(self.config.data.max_bad_records)
+        self.registry = bad_records.Registry()  # the shards this worker's input skipped in
 
     # --- setup --------------------------------------------------------------------------
 
@@ -133,12 +135,17 @@ class _Trainer:
             tf.fill([self.replicas, 2], tf.constant(-1.0, tf.float64)), trainable=False,
             name="input_positions")
         self.gather_positions = steps.make_gather_positions(self.strategy)
+        # [records skipped, records seen] by all workers (the same on each): saved with the
+        # input positions, read back by _restore.
+        self.data_counts = tf.Variable(tf.zeros([2], tf.int64), trainable=False,
+                                       name="data_counts")
         # The plain SGD is checkpointed (momentum buffers), not the loss-scale wrapper: a run
         # can then resume under another precision; the loss scale re-adapts within steps.
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=sgd, step=self.step,
                                               epoch=self.epoch)
         saved = tf.train.Checkpoint(model=self.model, optimizer=sgd, step=self.step,
-                                    epoch=self.epoch, input_positions=self.input_positions)
+                                    epoch=self.epoch, input_positions=self.input_positions,
+                                    data_counts=self.data_counts)
         self.writer = checkpoints.CheckpointWriter(saved, config.runtime.model_dir,
                                                    cluster.is_chief,
                                                    config.runtime.keep_checkpoints)
@@ -149,6 +156,7 @@ class _Trainer:
 
         self.input_start = (0, 0)  # (epoch, records to skip in it)
         self.position = -1  # the last consumed example's position in this worker's stream
+        self.skipped = self.seen = 0  # unreadable records skipped, records seen: all workers
         latest = self.writer.latest()
         if latest is None:
             log.info("no checkpoint in %s: starting from scratch", self.writer.directory)
@@ -160,6 +168,9 @@ class _Trainer:
         reader = tf.train.load_checkpoint(latest)
         key = "input_positions/.ATTRIBUTES/VARIABLE_VALUE"
         positions = reader.get_tensor(key) if reader.has_tensor(key) else None
+        counts = "data_counts/.ATTRIBUTES/VARIABLE_VALUE"
+        if reader.has_tensor(counts):
+            self.skipped, self.seen = (int(v) for v in reader.get_tensor(counts))
         mine = self.cluster.worker_id * (self.replicas // self.cluster.num_workers)
         if self.config.data.data_service:
             log.info("input from a tf.data service: resuming at the start of epoch %d",
@@ -188,6 +199,7 @@ class _Trainer:
                 context.get_per_replica_batch_size(config.optimization.batch_size),
                 config.model.image_size, input_context=context, shuffle_buffer=data.shuffle_buffer,
                 seed=data.seed, start_epoch=start_epoch, skip=skip, with_positions=True,
+                with_skipped=True, registry=self.registry,
                 num_classes=config.model.num_classes, data_service=data.data_service,
                 data_service_job=job, min_crop_area=data.min_crop_area,
                 random_flip=data.random_flip,
@@ -206,6 +218,7 @@ class _Trainer:
         epoch, index = pipeline.split_position(self.position) if self.position >= 0 else (-1, -1)
         self.input_positions.assign(tf.cast(self.gather_positions(
             tf.constant([epoch, index], tf.float64)), tf.float64))
+        self.data_counts.assign([self.skipped, self.seen])
 
     def _save(self, step: int) -> str:
         self._sync_replicas()
@@ -225,10 +238,12 @@ class _Trainer:
         result = steps.validate(self.eval_step, self.validation_pattern, batch,
                                 self.config.model.image_size)
         result["precision"] = "float32"
-        self.summaries.validation(step, top1=result["top1"], top5=result["top5"])
-        log.info("validation (float32) at step %d: top-1 %.4f, top-5 %.4f over %d images "
+        self.summaries.validation(step, top1=result["top1"], top5=result["top5"],
+                                  skipped_records=result["skipped_records"])
+        log.info("validation (float32) at step %d: top-1 %.4f, top-5 %.4f over %d images%s "
                  "(%.1fs)", step, result["top1"], result["top5"], result["images"],
-                 time.perf_counter() - start)
+                 f", {result['skipped_records']} unreadable record(s) skipped"
+                 if result["skipped_records"] else "", time.perf_counter() - start)
         return result
 
     def run(self) -> dict:
@@ -297,6 +312,9 @@ class _Trainer:
             "jit_compile": self.jit,
             "resumed_from": resumed_from,
             "input_position": list(pipeline.split_position(self.position)),
+            "skipped_records": self.skipped,  # all workers'
+            "records_seen": self.seen,
+            "unreadable_shards": self.registry.shards(),  # this worker's
             "checkpoint": final_checkpoint,
             "validation": validation,
             "weights_sha256": fingerprint,
@@ -334,6 +352,7 @@ class _Trainer:
                 # the input pipeline keeps prefetching on its own threads meanwhile.
                 metrics = dict(zip(_METRICS, totals.numpy().tolist()))
                 self.position = int(position.numpy())
+                self._count_unreadable(int(metrics["skipped"]))
                 if self.current_step > self.start_step:  # the first step traces: not timed
                     throughput.add(time.perf_counter() - tick)
                 self.current_step = step = self.current_step + 1
@@ -355,6 +374,15 @@ class _Trainer:
                     self._sync_replicas()  # every worker: a collective
                     self._validate(step)
         return metrics, last_saved
+
+    def _count_unreadable(self, skipped: int) -> None:
+        """Add one step's unreadable records (all workers', so every worker decides alike) and
+        stop past ``--max-bad-records``."""
+        self.skipped += skipped
+        self.seen += self.config.optimization.batch_size + skipped
+        if skipped and self.bound.exceeded(self.skipped, self.seen, self.num_train_images):
+            raise bad_records.too_many(self.bound, self.skipped, self.seen,
+                                       self.num_train_images, self.registry, "training")
 
     @contextlib.contextmanager
     def _peers_watched(self):
@@ -384,7 +412,10 @@ class _Trainer:
                  "%.1f images/s  eta %s", step, optimization.train_steps, metrics["loss"],
                  metrics["cross_entropy"], metrics["l2"], lr, top1, images_per_second,
                  throughput.eta(optimization.train_steps - step))
+        if self.skipped:
+            log.info("%d unreadable training record(s) skipped so far, of %d seen",
+                     self.skipped, self.seen)
         self.summaries.train(step, loss=metrics["loss"], cross_entropy=metrics["cross_entropy"],
                              l2=metrics["l2"], learning_rate=lr, top1=top1,
-                             images_per_second=images_per_second)
+                             images_per_second=images_per_second, skipped_records=self.skipped)
         throughput.reset_interval()

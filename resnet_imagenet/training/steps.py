@@ -25,7 +25,8 @@ def make_train_step(strategy, model, optimizer, decay_variables: list, step, *,
     global batch, plus ``weight_decay`` * L2 of ``decay_variables`` divided by the replica
     count, so that the gradients Keras sums across replicas are those of the global-batch loss.
     ``totals`` is the sum over all replicas of [loss, cross-entropy, L2, correct predictions,
-    stop] (``stop`` is this worker's 0/1 stop request); ``position`` is the largest input
+    stop, skipped] (``stop`` is this worker's 0/1 stop request, ``skipped`` the unreadable
+    records its input skipped on the way to this batch); ``position`` is the largest input
     position this worker's replicas consumed. ``step`` (a variable) is incremented.
     The forward/backward pass is XLA-compiled with ``jit_compile``; the all-reduce and the
     update stay outside XLA, which cannot compile multi-worker collectives.
@@ -53,15 +54,17 @@ def make_train_step(strategy, model, optimizer, decay_variables: list, step, *,
             tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
         return grads, tf.stack([loss, cross_entropy, l2, correct])
 
-    def replica_step(images, labels, positions, stop):
+    def replica_step(images, labels, positions, skipped, stop):
         grads, metrics = forward_backward(images, labels)
         apply_gradients(optimizer, grads, model.trainable_variables, loss_scaling)
-        return tf.concat([metrics, [stop]], axis=0), tf.reduce_max(positions)
+        skipped = tf.cast(tf.reduce_sum(skipped), tf.float32)
+        return tf.concat([metrics, [stop, skipped]], axis=0), tf.reduce_max(positions)
 
     @tf.function
     def train_step(iterator, stop):
-        images, labels, positions = next(iterator)
-        per_replica, last = strategy.run(replica_step, args=(images, labels, positions, stop))
+        images, labels, positions, skipped = next(iterator)
+        per_replica, last = strategy.run(replica_step,
+                                         args=(images, labels, positions, skipped, stop))
         totals = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
         step.assign_add(1)
         # This worker's replicas' last positions: their maximum is where its stream is.
@@ -116,16 +119,22 @@ def make_eval_step(model, num_classes: int):
 
 
 def validate(eval_step, file_pattern: str, batch_size: int, image_size: int) -> dict:
-    """Top-1/top-5 over every image of the matching shards."""
+    """Top-1/top-5 over every readable image of the matching shards; ``skipped_records`` and
+    ``unreadable_shards`` say what could not be read."""
+    from resnet_imagenet.data import bad_records
+
     hits1 = hits5 = images = 0
-    for batch, labels in pipeline.eval_dataset(file_pattern, batch_size, image_size):
+    registry = bad_records.Registry()
+    for batch, labels in pipeline.eval_dataset(file_pattern, batch_size, image_size,
+                                               registry=registry):
         top1, top5 = eval_step(batch, labels)
         hits1 += int(top1)
         hits5 += int(top5)
         images += int(labels.shape[0])
+    unreadable = {"skipped_records": registry.records, "unreadable_shards": registry.shards()}
     if not images:
-        return {"top1": 0.0, "top5": 0.0, "images": 0}
-    return {"top1": hits1 / images, "top5": hits5 / images, "images": images}
+        return {"top1": 0.0, "top5": 0.0, "images": 0, **unreadable}
+    return {"top1": hits1 / images, "top5": hits5 / images, "images": images, **unreadable}
 
 
 def batch_norm_statistics(model) -> list:

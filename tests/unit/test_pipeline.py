@@ -194,13 +194,13 @@ def test_undecodable_images_are_dropped_and_counted(shards, tmp_path, capfd):
     labels = [l for _, b in pipeline.eval_dataset(
         tfrecord.shard_pattern(str(tmp_path), "validation"), 4, SIZE) for l in b.numpy()]
     assert len(labels) == 5
-    assert "dropped 2 record(s) whose image could not be decoded" in capfd.readouterr().err
+    assert capfd.readouterr().err.count("its image does not decode") == 2
 
     train = pipeline.train_dataset(tfrecord.shard_pattern(str(tmp_path), "train"), 5, SIZE,
                                    shuffle_buffer=0)
     first = next(iter(train))
     assert tuple(first[0].shape) == (5, SIZE, SIZE, 3)
-    assert "could not be decoded" in capfd.readouterr().err
+    assert "its image does not decode" in capfd.readouterr().err
 
 
 def test_no_matching_shards_is_a_one_line_error(tmp_path):

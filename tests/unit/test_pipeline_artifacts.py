@@ -126,10 +126,15 @@ def test_training_metrics_are_the_final_figures_of_the_summary(tmp_path):
         "step": 500000, "start_step": 0, "epoch": 99, "loss": 1.25, "cross_entropy": 0.98,
         "l2": 0.27, "train_top1": 0.75, "images_per_second": 2810.5,
         "elapsed_seconds": 45000.0, "precision": "mixed_float16", "jit_compile": False,
-        "checkpoint": "gs://b/m/checkpoints/ckpt-500000", "validation": None}))
+        "checkpoint": "gs://b/m/checkpoints/ckpt-500000", "validation": None,
+        "skipped_records": 120, "records_seen": 128_000_120, "unreadable_shards": []}))
     assert artifacts.training_metrics(str(path)) == {
         "final_loss": 1.25, "final_cross_entropy": 0.98, "final_train_top1": 0.75,
-        "images_per_second": 2810.5, "steps": 500000.0, "epochs": 99.0, "elapsed_hours": 12.5}
+        "images_per_second": 2810.5, "steps": 500000.0, "epochs": 99.0, "elapsed_hours": 12.5,
+        "skipped_records": 120.0}
+    assert artifacts.metrics({"top1": 0.5, "images": 30, "skipped_records": 10,
+                              "unreadable_shards": []}) == {
+        "top1": 0.5, "images": 30.0, "skipped_records": 10.0}
     with pytest.raises(UserError, match="holds no train_summary.json: training did not finish"):
         artifacts.training_metrics(str(tmp_path / "nothing"))
 
@@ -195,7 +200,10 @@ def test_report_draws_curves_from_event_files(tmp_path):
     assert scalars["train/top1"][-1] == (100, pytest.approx(0.9))
     assert len(scalars["loss/total"]) == 11
 
-    metrics = {"top1": 0.85, "top5": 0.99, "images": 20, "step": 100, "checkpoint": "ckpt-100",
+    (model / "train_summary.json").write_text(json.dumps(
+        {"step": 100, "skipped_records": 7, "records_seen": 6407}))
+    metrics = {"top1": 0.85, "top5": 0.99, "images": 20, "skipped_records": 3, "step": 100,
+               "checkpoint": "ckpt-100",
                "per_class": [{"label": 1, "synset": "n00000000", "text": "digit <zero>",
                               "top1": 1.0, "images": 2},
                              {"label": 2, "synset": "n00000001", "text": "digit one",
@@ -211,6 +219,10 @@ def test_report_draws_curves_from_event_files(tmp_path):
     assert all(p.format == "PNG" for p in pictures)
     assert 'alt="Loss"' in page and 'alt="Accuracy"' in page and 'alt="Learning rate"' not in page
     assert "<td>top1</td><td>0.8500</td>" in page
+    # unreadable records: the evaluation's, then the training run's
+    assert "<td>skipped_records</td><td>3</td>" in page
+    assert "<td>training skipped records</td><td>7</td>" in page
+    assert "<td>training records seen</td><td>6407</td>" in page
     # per-class table, worst class first, text escaped
     assert page.index("n00000001") < page.index("n00000000")
     assert "digit &lt;zero&gt;" in page

@@ -2,7 +2,7 @@
 
 Held literally, so a refactoring of the settings cannot change what users, scripts and the
 pipeline's logs see. Each case covers every key; the last one sets every flag to a value other
-than its default.
+than its default. A setting added since (``max_bad_records``) is one more key, nothing else.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ THE_RECIPE = (
     ' "image_size": 224, "jit_compile": "auto", "keep_checkpoints": 5,'
     ' "label_smoothing": 0.0, "learning_rate": 0.1, "log_every": 100,'
     ' "lr_boundaries": [150000, 300000, 400000, 450000], "lr_decay_factor": 0.1,'
-    ' "lr_schedule": "step", "min_crop_area": 0.05, "mixed_precision": "auto",'
+    ' "lr_schedule": "step", "max_bad_records": "0.1%", "min_crop_area": 0.05,'
+    ' "mixed_precision": "auto",'
     ' "model_dir": "", "momentum": 0.9, "num_classes": 1000, "num_train_images": 0,'
     ' "optimizer": "sgd", "random_flip": true, "resnet_size": 50,'
     ' "scale_lr_with_batch": true, "schedule": [{"learning_rate": 0.1, "step": 0},'
@@ -39,7 +40,8 @@ LARGE_BATCH_COSINE = (
     ' "data_dir": "", "data_service": "", "epochs": 99.909, "eval_every": 0,'
     ' "image_size": 224, "jit_compile": "auto", "keep_checkpoints": 5,'
     ' "label_smoothing": 0.0, "learning_rate": 0.4, "log_every": 100, "lr_boundaries": [],'
-    ' "lr_decay_factor": 0.1, "lr_schedule": "cosine", "min_crop_area": 0.05,'
+    ' "lr_decay_factor": 0.1, "lr_schedule": "cosine", "max_bad_records": "0.1%",'
+    ' "min_crop_area": 0.05,'
     ' "mixed_precision": "auto", "model_dir": "", "momentum": 0.9, "num_classes": 1000,'
     ' "num_train_images": 1281167, "optimizer": "sgd", "random_flip": true,'
     ' "resnet_size": 50, "scale_lr_with_batch": true, "schedule": [{"learning_rate": 0.0,'
@@ -57,7 +59,7 @@ EVERY_FLAG_ARGS = (
     '--weight-decay 5e-5 --label-smoothing 0.1 --min-crop-area 0.08 --no-random-flip '
     '--mixed-precision bfloat16 --jit-compile off --checkpoint-every 100 '
     '--keep-checkpoints 2 --log-every 10 --eval-every 50 --data-service host:5050 '
-    '--shuffle-buffer 100 --seed 7'
+    '--shuffle-buffer 100 --seed 7 --max-bad-records 500'
 ).split()
 EVERY_FLAG = (
     '{"base_learning_rate": 0.2, "batch_size": 512, "bn_epsilon": 0.001,'
@@ -65,7 +67,8 @@ EVERY_FLAG = (
     ' "data_dir": "gs://b/data", "data_service": "host:5050", "epochs": 40.0,'
     ' "eval_every": 50, "image_size": 160, "jit_compile": "off", "keep_checkpoints": 2,'
     ' "label_smoothing": 0.1, "learning_rate": 0.2, "log_every": 10, "lr_boundaries": [10,'
-    ' 20], "lr_decay_factor": 0.5, "lr_schedule": "step", "min_crop_area": 0.08,'
+    ' 20], "lr_decay_factor": 0.5, "lr_schedule": "step", "max_bad_records": "500",'
+    ' "min_crop_area": 0.08,'
     ' "mixed_precision": "bfloat16", "model_dir": "gs://b/model", "momentum": 0.875,'
     ' "num_classes": 10, "num_train_images": 25600, "optimizer": "sgd",'
     ' "random_flip": false, "resnet_size": 18, "scale_lr_with_batch": false,'
