@@ -115,8 +115,10 @@ def check_pipeline(*, raw: tuple[str, str], tfrecord: tuple[str, str],
     other written URIs' parameter names to them (model, export). The raw data must be readable
     unless the TFRecords URI already holds a finished dataset (``manifest.json``), which then
     only needs to be readable: the pipeline will not convert. The raw data's top level (local
-    or gs://) must be the archives or the extracted layout: the conversion's own refusal would
-    come after the step's retries (kfp.local and Argo retry every failure).
+    or gs://) must be the archives or the extracted layout, down to the list of its classes
+    (``imagenet.check_top_level``: a few requests): the conversion's own refusal would come
+    after the step's retries (kfp.local and Argo retry every failure). What only a listing of
+    every class finds (an empty class, a validation label count) is still the conversion's.
     """
     checked = []
     (raw_name, raw_uri), (tfrecord_name, tfrecord_uri) = raw, tfrecord
@@ -135,12 +137,18 @@ def check_pipeline(*, raw: tuple[str, str], tfrecord: tuple[str, str],
             raise UserError(f"pipeline parameter {raw_name}={raw_uri} is not a directory: point "
                             "it at the ILSVRC2012 archives or the extracted layout (train/, "
                             "validation/, validation_labels.txt)")
-        from resnet_imagenet.data import archives
+        from resnet_imagenet.data import archives, imagenet
 
-        if not archives.detect(raw_uri) and "train" not in names:
-            raise UserError(f"pipeline parameter {raw_name}={raw_uri} holds neither the four "
-                            f"ILSVRC2012 archives ({', '.join(archives.OFFICIAL)}) nor the "
-                            "extracted layout (train/, validation/, validation_labels.txt)")
+        if not archives.detect(raw_uri):
+            if "train" not in names:
+                raise UserError(f"pipeline parameter {raw_name}={raw_uri} holds neither the "
+                                f"four ILSVRC2012 archives ({', '.join(archives.OFFICIAL)}) nor "
+                                "the extracted layout (train/, validation/, "
+                                "validation_labels.txt)")
+            try:
+                imagenet.check_top_level(raw_uri)
+            except UserError as exc:
+                raise UserError(f"pipeline parameter {raw_name}: {exc}") from None
         checked.append(f"{raw_name} {raw_uri}: readable")
     if tfrecord_uri and storage.is_remote(tfrecord_uri):
         if finished:

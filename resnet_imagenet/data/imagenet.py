@@ -178,8 +178,10 @@ def _require_dir(raw_dir: str, name: str, what: str) -> str:
     return path
 
 
-def load(raw_dir: str) -> RawDataset:
-    """List and check the raw layout under ``raw_dir`` (local or gs://)."""
+def check_top_level(raw_dir: str) -> tuple[str, str, str, list[str]]:
+    """The checks of the extracted layout that take a few requests, not a listing of every
+    class (the pipeline's first step makes them too, as its refusals are never retried):
+    ``(train dir, validation dir, validation labels path, synsets)``."""
     raw_dir = storage.normalize(raw_dir)
     if not storage.isdir(raw_dir):
         raise UserError(f"--raw-dir {raw_dir} is not a directory: point it at the four "
@@ -191,9 +193,14 @@ def load(raw_dir: str) -> RawDataset:
     if not storage.exists(labels_path):
         raise UserError(f"{labels_path} not found: it gives the wnid of each validation image, "
                         "one per line in sorted file order")
+    return train_dir, validation_dir, labels_path, _read_synsets(
+        raw_dir, _visible(storage.listdir(train_dir)))
 
-    class_dirs = _visible(storage.listdir(train_dir))
-    synsets = _read_synsets(raw_dir, class_dirs)
+
+def load(raw_dir: str) -> RawDataset:
+    """List and check the raw layout under ``raw_dir`` (local or gs://)."""
+    raw_dir = storage.normalize(raw_dir)
+    train_dir, validation_dir, labels_path, synsets = check_top_level(raw_dir)
     label_of = {wnid: k for k, wnid in enumerate(synsets, start=1)}
 
     listings = _parallel_listdir([storage.join(train_dir, w) for w in synsets]

@@ -328,3 +328,31 @@ def test_a_wrong_raw_layout_stops_the_pipeline_at_its_first_step_without_retries
     assert "nor the extracted layout (train/, validation/, validation_labels.txt)" in out
     assert re.findall(r"Executing task '([^']+)'", out) == ["validate-parameters"]
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("layout, expected", [
+    ({"train/n01/a.JPEG": b"x", "validation/v.JPEG": b"x"},
+     "validation_labels.txt not found: it gives the wnid of each validation image"),
+    ({"train/n01/a.JPEG": b"x", "validation_labels.txt": b"n01\n"},
+     "validation not found: the raw layout needs validation/<images>"),
+    ({"train/.keep": b"", "validation/v.JPEG": b"x", "validation_labels.txt": b"n01\n"},
+     "train holds no class directories"),
+    ({"train/n01/a.JPEG": b"x", "validation/v.JPEG": b"x", "validation_labels.txt": b"n01\n",
+      "synsets.txt": b"n01\nn02\n"}, "synsets.txt lists n02 but"),
+])
+def test_the_first_step_refuses_an_extracted_layout_with_top_level_gaps(tmp_path, layout,
+                                                                        expected):
+    """What the conversion would refuse after its retries, found by the validate step's
+    pre-flight in a few requests (not a listing of every class)."""
+    from resnet_imagenet import preflight
+
+    raw = tmp_path / "raw"
+    for rel, data in layout.items():
+        (raw / rel).parent.mkdir(parents=True, exist_ok=True)
+        (raw / rel).write_bytes(data)
+    with pytest.raises(UserError) as info:
+        preflight.check_pipeline(raw=("data_raw_uri", str(raw)),
+                                 tfrecord=("data_tfrecord_uri", str(tmp_path / "t")), outputs={})
+    message = str(info.value)
+    assert message.startswith("pipeline parameter data_raw_uri: ") and expected in message
+    assert "\n" not in message and not (tmp_path / "t").exists()
