@@ -67,10 +67,12 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def tf_config(workers: list[str], task_type: str, index: int) -> str:
+def tf_config(workers: list[str], task_type: str, index: int,
+              evaluator: str | None = None) -> str:
     """TF_CONFIG as training-operator v1.9 writes it (and the trainer builds it under Trainer
-    v2): Go's compact JSON, key order included."""
-    return strategy.tf_config_json(workers, task_type, index)
+    v2): Go's compact JSON, key order included; the evaluator, when there is one, in the
+    cluster of every replica."""
+    return strategy.tf_config_json(workers, task_type, index, evaluator)
 
 
 @dataclass
@@ -108,18 +110,20 @@ def plan(workers: int, command: list[str], evaluator_command: list[str] | None =
     """
     check_counts(workers, gpus_per_worker)
     distributed = workers + (1 if evaluator_command else 0) > 1
-    addresses = [f"127.0.0.1:{port}" for port in free_ports(workers)] if distributed else []
+    ports = free_ports(workers + (1 if evaluator_command else 0)) if distributed else []
+    addresses = [f"127.0.0.1:{port}" for port in ports[:workers]]
+    evaluator = f"127.0.0.1:{ports[workers]}" if evaluator_command else None
     replicas = []
     for index in range(workers):
         gpus = range(index * gpus_per_worker, (index + 1) * gpus_per_worker)
         replicas.append(Replica(f"worker-{index}", list(command), {
-            "TF_CONFIG": tf_config(addresses, "worker", index) if distributed else None,
+            "TF_CONFIG": tf_config(addresses, "worker", index, evaluator) if distributed else None,
             "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus)),
             strategy.GPUS_ENV: str(gpus_per_worker) if gpus_per_worker else None,
         }))
     if evaluator_command:
         replicas.append(Replica("evaluator-0", list(evaluator_command), {
-            "TF_CONFIG": tf_config(addresses, "evaluator", 0),
+            "TF_CONFIG": tf_config(addresses, "evaluator", 0, evaluator),
             "CUDA_VISIBLE_DEVICES": "",
         }))
     return replicas

@@ -28,6 +28,7 @@ from resnet_imagenet.errors import UserError
 log = logging.getLogger(__name__)
 
 WORKER_JOBS = ("chief", "worker")
+EVALUATOR_JOB = "evaluator"
 PORT = 2222  # the workers' gRPC port: the training operator's, and the runtime's containerPort
 
 # What a pod of the resnet-imagenet-tensorflow TrainingRuntime has (manifests/components/
@@ -77,10 +78,15 @@ class Cluster:
         return self.worker_id == 0
 
 
-def tf_config_json(workers: list[str], task_type: str, index: int) -> str:
-    """TF_CONFIG as training-operator v1.9 writes it: Go's compact JSON, key order included."""
+def tf_config_json(workers: list[str], task_type: str, index: int,
+                   evaluator: str | None = None) -> str:
+    """TF_CONFIG as training-operator v1.9 writes it: Go's compact JSON, key order included
+    (a Go map's keys sorted: "evaluator" before "worker"). With an Evaluator replica the
+    operator names it in the cluster of every replica, the workers' too."""
+    cluster = {"evaluator": [evaluator]} if evaluator else {}
+    cluster["worker"] = workers
     return json.dumps({
-        "cluster": {"worker": workers},
+        "cluster": cluster,
         "task": {"type": task_type, "index": index},
         "environment": "cloud",
     }, separators=(",", ":"))
@@ -153,12 +159,21 @@ def cluster_from_env(environ=None) -> Cluster:
         raise UserError("TF_CONFIG 'cluster' and 'task' must be JSON objects")
     if not cluster:
         return Cluster()
-    other_jobs = sorted(set(cluster) - set(WORKER_JOBS))
+    other_jobs = sorted(set(cluster) - set(WORKER_JOBS) - {EVALUATOR_JOB})
     if other_jobs:
         raise UserError(
             f"TF_CONFIG names job(s) {', '.join(other_jobs)}: this trainer runs synchronous "
-            "all-reduce training with 'worker' replicas only (no parameter servers or evaluators)"
+            "all-reduce training with 'worker' replicas (and at most one evaluator), no "
+            "parameter servers"
         )
+    # The evaluator (training-operator puts it in every replica's cluster) takes no part in the
+    # all-reduce: the workers leave it out, as MultiWorkerMirroredStrategy does.
+    evaluators = cluster.get(EVALUATOR_JOB) or []
+    if not isinstance(evaluators, list) or len(evaluators) > 1:
+        raise UserError(f"TF_CONFIG names {len(evaluators)} evaluators; at most one is allowed")
+    if task.get("type") == EVALUATOR_JOB:
+        raise UserError("TF_CONFIG makes this process the evaluator (task type 'evaluator'): "
+                        "an evaluator runs `resnet-imagenet evaluate --watch`, not train")
     chief = list(cluster.get("chief") or [])
     workers = list(cluster.get("worker") or [])
     if len(chief) > 1:

@@ -98,14 +98,26 @@ def test_tf_config_has_the_shape_training_operator_injects():
     assert local.tf_config(["job-worker-0.ns.svc:2222", "job-worker-1.ns.svc:2222"],
                            "worker", 1) == operator
 
+    # With an Evaluator replica, the operator names it in every replica's cluster (a Go map:
+    # keys sorted), the workers' too (test_tfjob_control_plane.py reads it off the pods).
+    operator = ('{"cluster":{"evaluator":["job-evaluator-0.ns.svc:2222"],"worker":'
+                '["job-worker-0.ns.svc:2222","job-worker-1.ns.svc:2222"]},'
+                '"task":{"type":"worker","index":0},"environment":"cloud"}')
+    assert local.tf_config(["job-worker-0.ns.svc:2222", "job-worker-1.ns.svc:2222"],
+                           "worker", 0, "job-evaluator-0.ns.svc:2222") == operator
+    cluster = strategy.cluster_from_env({"TF_CONFIG": operator})  # the workers ignore it
+    assert (cluster.num_workers, cluster.worker_id, cluster.is_chief) == (2, 0, True)
+
     replicas = local.plan(2, ["train"], evaluator_command=["evaluate"])
     configs = [json.loads(r.env["TF_CONFIG"]) for r in replicas]
     workers = configs[0]["cluster"]["worker"]
-    assert len(set(workers)) == 2 and all(w.startswith("127.0.0.1:") for w in workers)
+    (evaluator,) = configs[0]["cluster"]["evaluator"]
+    assert len(set(workers + [evaluator])) == 3
+    assert all(w.startswith("127.0.0.1:") for w in workers + [evaluator])
     assert [c["task"] for c in configs] == [{"type": "worker", "index": 0},
                                             {"type": "worker", "index": 1},
                                             {"type": "evaluator", "index": 0}]
-    assert all(c == {**configs[0], "task": c["task"]} for c in configs)  # one cluster, no evaluator
+    assert all(c == {**configs[0], "task": c["task"]} for c in configs)  # one cluster
     # Like the operator, a lone worker gets no TF_CONFIG (even an inherited one is removed).
     (single,) = local.plan(1, ["train"])
     assert single.env["TF_CONFIG"] is None and "TF_CONFIG" not in single.environ()

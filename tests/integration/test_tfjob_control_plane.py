@@ -98,6 +98,43 @@ def test_four_workers_get_the_tf_config_the_local_backend_writes(control_plane, 
         f"resnet-test-worker-{i}.{kube_namespace}.svc:{tfjob.PORT}" for i in range(4))
 
 
+def test_an_evaluator_is_in_every_replicas_tf_config_and_the_workers_train_with_it(
+        control_plane, kube_namespace):
+    """training-operator v1.9 names the Evaluator in the cluster of every replica (the workers'
+    too): the workers' TF_CONFIG is exactly what the local backend writes, the trainer leaves
+    the evaluator out of its cluster, and the evaluator runs `evaluate --watch`."""
+    opts = TFJOB.options(kube_namespace, workers=2, evaluator=True)
+    with launching(TFJOB, control_plane.admin(), opts) as (result, _):
+        running = running_pods(control_plane, TFJOB, kube_namespace, "resnet-test", 3,
+                               timeout=30.0)
+        pods = sorted((p for p in running if "-worker-" in p.metadata.name),
+                      key=lambda p: p.metadata.name)
+        (evaluator,) = [p for p in running if "-evaluator-" in p.metadata.name]
+        envs = [{e.name: e.value for e in p.spec.containers[0].env or []}
+                for p in pods + [evaluator]]
+        finish(control_plane, kube_namespace, [evaluator, *pods])
+        assert result.result(timeout=60) == 0
+
+    service = f"{kube_namespace}.svc:{tfjob.PORT}"
+    workers = [f"resnet-test-worker-{i}.{service}" for i in range(2)]
+    evaluator_address = f"resnet-test-evaluator-0.{service}"
+    assert [env["TF_CONFIG"] for env in envs] == [
+        local.tf_config(workers, "worker", 0, evaluator_address),
+        local.tf_config(workers, "worker", 1, evaluator_address),
+        local.tf_config(workers, "evaluator", 0, evaluator_address)]
+    assert envs[0]["TF_CONFIG"] == (
+        f'{{"cluster":{{"evaluator":["{evaluator_address}"],"worker":["{workers[0]}",'
+        f'"{workers[1]}"]}},"task":{{"type":"worker","index":0}},"environment":"cloud"}}')
+    clusters = [strategy.cluster_from_env(env) for env in envs[:2]]
+    assert [(c.workers, c.worker_id, c.is_chief) for c in clusters] == [
+        (tuple(workers), 0, True), (tuple(workers), 1, False)]
+    with pytest.raises(UserError, match="makes this process the evaluator"):
+        strategy.cluster_from_env(envs[2])  # `train` in the evaluator's pod would be refused
+    (container,) = evaluator.spec.containers
+    assert [*(container.command or []), *(container.args or [])][:3] == [
+        "resnet-imagenet", "evaluate", "--watch"]
+
+
 # --- RBAC, manifests ------------------------------------------------------------------------
 
 

@@ -10,7 +10,8 @@ One scenario, in three launches of the same two commands, as a TFJob would see i
    to those in the chief's final checkpoint. The chief's TensorBoard log has every step once.
 
 MultiWorkerMirroredStrategy on CPU, RING all-reduce over gRPC; thread pools kept small so two
-workers share CI's two cores.
+workers share CI's two cores. TF_CONFIG names an evaluator too, as training-operator's does for a
+TFJob with an Evaluator replica.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time
 import pytest
 import tensorflow as tf
 
+from resnet_imagenet.launch import local
 from resnet_imagenet.model.resnet import build_resnet
 from resnet_imagenet.training import checkpoints, loop, stopping
 from tests.support.shards import make_shards
@@ -53,8 +55,11 @@ class Cluster:
     """Two workers running the same train command, each logging to its own file."""
 
     def __init__(self, workdir, data_dir: str, model_dir: str, train_steps: int, launch: str):
-        ports = free_ports(2)
-        addresses = [f"127.0.0.1:{p}" for p in ports]
+        ports = free_ports(3)
+        addresses = [f"127.0.0.1:{p}" for p in ports[:2]]
+        # The shape training-operator gives a TFJob with an Evaluator replica: the evaluator in
+        # every replica's cluster (nothing listens there: the workers must leave it out).
+        evaluator = f"127.0.0.1:{ports[2]}"
         self.logs = [os.path.join(workdir, f"{launch}-worker{i}.log") for i in range(2)]
         self.scratch = os.path.join(workdir, f"{launch}-tmp")
         os.makedirs(self.scratch, exist_ok=True)
@@ -70,9 +75,7 @@ class Cluster:
         for index in range(2):
             env = dict(os.environ)
             env.update({
-                "TF_CONFIG": json.dumps({"cluster": {"worker": addresses},
-                                         "task": {"type": "worker", "index": index},
-                                         "environment": "cloud"}),
+                "TF_CONFIG": local.tf_config(addresses, "worker", index, evaluator),
                 "TF_NUM_INTRAOP_THREADS": "1",
                 "TF_NUM_INTEROP_THREADS": "2",
                 "OMP_NUM_THREADS": "1",

@@ -227,8 +227,10 @@ def test_fewer_shards_than_workers(data_dir, tmp_path, monkeypatch):
      "job\\(s\\) ps"),
     ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 5}}',
      "index 5 is out of range"),
-    ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "evaluator"}}',
-     "task .* is invalid"),
+    ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "evaluator", "index": 0}}',
+     "makes this process the evaluator .*evaluate --watch"),
+    ('{"cluster": {"evaluator": ["e:1", "f:2"], "worker": ["a:1"]}, '
+     '"task": {"type": "worker", "index": 0}}', "2 evaluators; at most one"),
 ])
 def test_unreadable_tf_config(data_dir, tmp_path, monkeypatch, tf_config, match):
     monkeypatch.setenv("TF_CONFIG", tf_config)
