@@ -22,6 +22,7 @@ def train(
     service_account: str,
     gcs_secret: str,
     timeout_seconds: int,
+    start_timeout_seconds: int,
     run_id: str,
     resnet_size: int,
     num_classes: int,
@@ -41,7 +42,8 @@ def train(
     pipeline_params.run(pipeline_params.launch_argv(
         backend=backend, workers=workers, gpus_per_worker=gpus_per_worker, evaluator=evaluator,
         trainer_image=trainer_image, namespace=namespace, run_id=run_id,
-        timeout_seconds=timeout_seconds, gpu_node_selector=gpu_node_selector,
+        timeout_seconds=timeout_seconds, start_timeout_seconds=start_timeout_seconds,
+        gpu_node_selector=gpu_node_selector,
         gpu_tolerations=gpu_tolerations, service_account=service_account, gcs_secret=gcs_secret,
         train=pipeline_params.train_argv(
             data_uri=data_uri, model_uri=model_uri, resnet_size=resnet_size,

@@ -61,6 +61,7 @@ def validate(
     tfrecord_shards_validation,
     train_timeout_seconds,
     train_timeout_max_seconds=0,
+    train_start_timeout_seconds=0,
     uris: Mapping[str, str],
     tolerations: Mapping[str, Iterable] | None = None,
     train_extra_args: Sequence[str] = (),
@@ -114,6 +115,7 @@ def validate(
             f"pipeline parameter tfrecord_tasks={tasks} is more than the {shards} shards to "
             f"write: use at most {shards} conversion tasks"
         )
+    _at_least("train_start_timeout_seconds", train_start_timeout_seconds, 0)  # 0: for ever
     timeout = _at_least("train_timeout_seconds", train_timeout_seconds, 0)
     limit = as_int("train_timeout_max_seconds", train_timeout_max_seconds)
     if train_backend in KUBERNETES_BACKENDS and limit and not 0 < timeout <= limit:
@@ -281,6 +283,7 @@ def launch_argv(
     service_account: str,
     train: Sequence[str],
     gcs_secret: str = "",
+    start_timeout_seconds=None,
 ) -> list[str]:
     """``resnet-imagenet launch ... -- <train flags>`` from the pipeline's parameters.
 
@@ -291,7 +294,8 @@ def launch_argv(
     ``nvidia.com/gpu`` one by itself) apply to the job's pods, which run as
     ``service_account`` (the identity that reaches the bucket) and, with ``gcs_secret``, get
     that Secret's key file; the launcher step itself requests no GPU. Both cluster backends
-    take the same flags.
+    take the same flags; ``start_timeout_seconds`` (None: the launcher's default, 0: no limit)
+    is their ``--start-timeout``.
     """
     argv = [
         "launch",
@@ -314,6 +318,9 @@ def launch_argv(
             argv += ["--service-account", service_account]
         if gcs_secret:
             argv += ["--gcs-secret", gcs_secret]
+        if start_timeout_seconds is not None:
+            argv += ["--start-timeout",
+                     str(as_int("train_start_timeout_seconds", start_timeout_seconds))]
     if run_id:
         argv += ["--run-id", run_id]
     timeout = as_int("train_timeout_seconds", timeout_seconds)

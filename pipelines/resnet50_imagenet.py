@@ -205,6 +205,7 @@ def build_pipeline(options: Options = Options()):
         train_namespace: str = "",
         train_service_account: str = SERVICE_ACCOUNT,
         train_timeout_seconds: int = 7 * DAY,
+        train_start_timeout_seconds: int = 1800,
     ) -> Outputs:
         """Parameters; the KFP UI lists them alphabetically.
 
@@ -248,6 +249,9 @@ def build_pipeline(options: Options = Options()):
             train_service_account: service account of the training pods (bucket access).
             train_timeout_seconds: the job is deleted and the step fails after this; at most
                 --train-timeout-max (14 days by default).
+            train_start_timeout_seconds: the job is deleted and the step fails when none of
+                its replicas has run for this long (unschedulable pods, images not pulled,
+                crash loops, a GPU stock-out); 0 waits for ever (a queue that hands out GPUs).
         """
         def configure(task, kind, display_name, deadline_kind=None):
             return _configure(task, kind, display_name, options.deadline(deadline_kind or kind),
@@ -262,6 +266,7 @@ def build_pipeline(options: Options = Options()):
             tfrecord_shards_validation=tfrecord_shards_validation,
             train_timeout_seconds=train_timeout_seconds,
             train_timeout_max_seconds=options.train_timeout_max,
+            train_start_timeout_seconds=train_start_timeout_seconds,
             train_gpu_tolerations=train_gpu_tolerations, step_tolerations=step_tolerations,
             train_extra_args=train_extra_args,
             data_raw_uri=data_raw_uri, data_tfrecord_uri=data_tfrecord_uri,
@@ -299,6 +304,7 @@ def build_pipeline(options: Options = Options()):
             gpu_node_selector=train_gpu_node_selector, gpu_tolerations=train_gpu_tolerations,
             service_account=train_service_account, gcs_secret=options.bucket_key_secret,
             timeout_seconds=train_timeout_seconds, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            start_timeout_seconds=train_start_timeout_seconds,
             resnet_size=model_resnet_depth, num_classes=model_num_classes,
             image_size=model_image_size, batch_size=train_batch_size, train_steps=train_steps,
             checkpoint_every=train_checkpoint_every, train_args=train_extra_args,

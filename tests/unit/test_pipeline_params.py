@@ -188,13 +188,14 @@ def test_launch_argv_is_accepted_by_launch(backend):
         gpu_node_selector={"cloud.google.com/gke-accelerator": "nvidia-tesla-v100"},
         gpu_tolerations=[{"key": "dedicated", "operator": "Equal", "value": "ml",
                           "effect": "NoSchedule"}],
-        service_account="resnet-imagenet", gcs_secret="resnet-imagenet-gcp-key", train=train)
+        service_account="resnet-imagenet", gcs_secret="resnet-imagenet-gcp-key", train=train,
+        start_timeout_seconds=7200.0)  # a ParallelFor-collected int comes back as a float
     args = parse(argv)
     assert (args.backend, args.workers, args.gpus_per_worker, args.evaluator, args.image,
             args.namespace, args.run_id, args.timeout, args.service_account,
-            args.gcs_secret) == (
+            args.gcs_secret, args.start_timeout) == (
         backend, 4, 1, True, "reg/resnet-imagenet-trainer:1.0", "team", "run-123", 3600.0,
-        "resnet-imagenet", "resnet-imagenet-gcp-key")
+        "resnet-imagenet", "resnet-imagenet-gcp-key", 7200.0)
     assert args.node_selector == ["cloud.google.com/gke-accelerator=nvidia-tesla-v100"]
     assert args.toleration == ["dedicated=ml:NoSchedule"]
     assert args.train_args == train
@@ -228,11 +229,13 @@ def test_trainjob_backend_gets_the_same_kubernetes_flags():
         backend="trainjob", workers=2, gpus_per_worker=1, evaluator=False, trainer_image="img:1",
         namespace="ns", run_id="r", timeout_seconds=60, gpu_node_selector={"a": "b"},
         gpu_tolerations=[{"key": "x", "operator": "Exists"}], service_account="sa",
-        gcs_secret="key", train=["--data-dir", "d"])
+        gcs_secret="key", train=["--data-dir", "d"], start_timeout_seconds=0)
     assert argv == ["launch", "--backend", "trainjob", "--workers", "2", "--gpus-per-worker",
                     "1", "--image", "img:1", "--namespace", "ns", "--node-selector", "a=b",
                     "--toleration", "x", "--service-account", "sa", "--gcs-secret", "key",
-                    "--run-id", "r", "--timeout", "60", "--", "--data-dir", "d"]
+                    "--start-timeout", "0", "--run-id", "r", "--timeout", "60", "--",
+                    "--data-dir", "d"]
+    assert parse(argv).start_timeout == 0  # no limit: a job that waits for its GPUs
 
 
 def test_train_argv_is_accepted_by_train():
@@ -249,7 +252,7 @@ def test_local_backend_leaves_out_the_kubernetes_flags():
         backend="local", workers=2, gpus_per_worker=0, evaluator=False, trainer_image="img:1",
         namespace="ns", run_id="", timeout_seconds=0, gpu_node_selector={"a": "b"},
         gpu_tolerations=[{"key": "x"}], service_account="sa", gcs_secret="key",
-        train=["--data-dir", "d"])
+        train=["--data-dir", "d"], start_timeout_seconds=60)
     assert argv == ["launch", "--backend", "local", "--workers", "2", "--gpus-per-worker", "0",
                     "--", "--data-dir", "d"]
     assert parse(argv).train_args == ["--data-dir", "d"]
@@ -356,3 +359,9 @@ def test_the_first_step_refuses_an_extracted_layout_with_top_level_gaps(tmp_path
     message = str(info.value)
     assert message.startswith("pipeline parameter data_raw_uri: ") and expected in message
     assert "\n" not in message and not (tmp_path / "t").exists()
+
+
+def test_a_negative_start_timeout_is_refused():
+    assert refusal(train_start_timeout_seconds=-1) == (
+        "pipeline parameter train_start_timeout_seconds=-1 must be at least 0")
+    pipeline_params.validate(**REFERENCE, train_start_timeout_seconds=0)  # 0: for ever
