@@ -193,9 +193,17 @@ def toleration_flag(name: str, toleration) -> str:
         problem = "operator Equal needs a value"
     elif effect not in ("", "NoSchedule", "PreferNoSchedule", "NoExecute"):
         problem = f"effect {effect!r} is not NoSchedule, PreferNoSchedule or NoExecute"
+    seconds = toleration.get("tolerationSeconds")
+    if seconds is not None and not problem:
+        if effect != "NoExecute":
+            problem = "tolerationSeconds needs effect NoExecute (Kubernetes ignores it otherwise)"
+        elif isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or \
+                seconds < 0 or seconds != int(seconds):
+            problem = f"tolerationSeconds {seconds!r} is not a whole number of seconds"
     if problem:
         raise UserError(f"pipeline parameter {name}: toleration {dict(toleration)}: {problem}")
-    return key + (f"={value}" if operator == "Equal" else "") + (f":{effect}" if effect else "")
+    return (key + (f"={value}" if operator == "Equal" else "") + (f":{effect}" if effect else "")
+            + (f":{int(seconds)}" if seconds is not None else ""))
 
 
 def task_indices(num_tasks) -> list[int]:

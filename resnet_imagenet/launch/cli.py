@@ -100,12 +100,16 @@ def _add_cluster_arguments(job) -> None:
     job.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE",
                      help="node label the pods require (repeatable)")
     job.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE][:EFFECT]",
-                     help="taint the pods tolerate (repeatable); with GPUs, nvidia.com/gpu is "
-                     "tolerated already")
+                     help="taint the pods tolerate (repeatable; KEY[=VALUE]:NoExecute:SECONDS "
+                     "sets tolerationSeconds); with GPUs, nvidia.com/gpu is tolerated already")
     job.add_argument("--cpu", default="4", help="CPU request per pod (default %(default)s)")
     job.add_argument("--memory", default="16Gi",
                      help="memory request and limit per pod (default %(default)s)")
     job.add_argument("--shm-size", default="2Gi", help="/dev/shm size (default %(default)s)")
+    job.add_argument("--termination-grace-period", type=int,
+                     default=options.DEFAULT_TERMINATION_GRACE_S, metavar="SECONDS",
+                     help="from SIGTERM to SIGKILL for every replica: a preempted worker "
+                     "saves a checkpoint in it (default %(default)s)")
     job.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                      help="extra environment variable for the pods (repeatable)")
     job.add_argument("--start-timeout", type=float, default=lifecycle.DEFAULT_START_TIMEOUT,
@@ -150,6 +154,7 @@ def _common_options(args: argparse.Namespace) -> dict:
         cpu=args.cpu,
         memory=args.memory,
         shm_size=args.shm_size,
+        termination_grace_period=args.termination_grace_period,
         accelerator=args.accelerator,
         node_selector=options.parse_key_values(args.node_selector, "--node-selector"),
         tolerations=[options.parse_toleration(t) for t in args.toleration],
@@ -180,7 +185,19 @@ def cluster_options(args: argparse.Namespace) -> options.ClusterOptions:
     return tfjob.TFJobOptions(**_common_options(args), **run_policy)
 
 
+def check_train_args(train_args: list[str]) -> None:
+    """The train flags after ``--``, parsed as ``train`` will: a bad one is one line and exit 2
+    here, not an exit 1 and a usage message from every worker (or a failed job)."""
+    from resnet_imagenet.training import cli as train_cli
+
+    try:
+        train_cli.config_from_argv(train_args)
+    except UserError as exc:
+        raise UserError(f"the train flags after '--': {exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
+    check_train_args(args.train_args)
     if args.backend == "local":
         return local.launch_local(
             args.train_args, workers=args.workers, gpus_per_worker=args.gpus_per_worker,

@@ -31,6 +31,7 @@ APP_LABELS = {
 GPU_RESOURCE = "nvidia.com/gpu"
 GKE_ACCELERATOR_LABEL = "cloud.google.com/gke-accelerator"
 GCS_KEY_DIR = "/var/secrets/google"
+DEFAULT_TERMINATION_GRACE_S = 120
 GCS_KEY_FILE = "key.json"  # kubectl create secret generic NAME --from-file=key.json=KEY.json
 TOLERATION_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 # Kubernetes' resource.Quantity syntax, as in the CRD schemas.
@@ -64,6 +65,9 @@ class ClusterOptions(abc.ABC):
     cpu: str = "4"
     memory: str = "16Gi"
     shm_size: str = "2Gi"
+    # SIGTERM to SIGKILL for every replica: a preempted worker saves a checkpoint at its next
+    # step (ResNet-50's weights and momentum, to object storage); Kubernetes' 30 s is short.
+    termination_grace_period: int = DEFAULT_TERMINATION_GRACE_S
     accelerator: str = ""  # GKE: nodeSelector cloud.google.com/gke-accelerator=<this>
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict] = field(default_factory=list)  # extra; the GPU one is automatic
@@ -100,6 +104,9 @@ class ClusterOptions(abc.ABC):
             if not _QUANTITY.match(str(value)):
                 raise UserError(
                     f"{flag} {value!r} is not a Kubernetes quantity (e.g. 4, 500m, 16Gi)")
+        if self.termination_grace_period < 0:
+            raise UserError(f"--termination-grace-period {self.termination_grace_period}: must "
+                            "be 0 or more seconds")
         if self.active_deadline_seconds is not None and self.active_deadline_seconds < 1:
             raise UserError(f"--timeout {self.active_deadline_seconds}: must be positive")
         for key in self.env:
@@ -159,9 +166,10 @@ class ClusterOptions(abc.ABC):
         return volumes, mounts
 
     def placement(self, gpus: bool) -> dict:
-        """The pod spec's ``serviceAccountName``, ``nodeSelector`` and ``tolerations`` (each if
-        any); with ``gpus``, the ``nvidia.com/gpu`` taint is tolerated."""
-        spec: dict = {}
+        """The pod spec's ``terminationGracePeriodSeconds``, ``serviceAccountName``,
+        ``nodeSelector`` and ``tolerations`` (each if any); with ``gpus``, the ``nvidia.com/gpu``
+        taint is tolerated."""
+        spec: dict = {"terminationGracePeriodSeconds": self.termination_grace_period}
         if self.service_account:
             spec["serviceAccountName"] = self.service_account
         node_selector = dict(self.node_selector)
@@ -253,8 +261,10 @@ def parse_key_values(pairs: list[str], flag: str) -> dict[str, str]:
 
 
 def parse_toleration(spec: str) -> dict:
-    """``KEY[=VALUE][:EFFECT]`` (kubectl taint syntax) into a toleration."""
+    """``KEY[=VALUE][:EFFECT]`` (kubectl taint syntax) into a toleration; ``...:NoExecute:SECONDS``
+    adds ``tolerationSeconds`` (how long a pod stays bound to a node that gets the taint)."""
     rest, _, effect = spec.partition(":")
+    effect, _, seconds = effect.partition(":")
     key, sep, value = rest.partition("=")
     if not key or (effect and effect not in TOLERATION_EFFECTS):
         raise UserError(
@@ -266,6 +276,11 @@ def parse_toleration(spec: str) -> dict:
         toleration["value"] = value
     if effect:
         toleration["effect"] = effect
+    if seconds:
+        if effect != "NoExecute" or not seconds.isdigit():
+            raise UserError(f"--toleration {spec!r}: only KEY[=VALUE]:NoExecute:SECONDS takes "
+                            "seconds (a whole number: tolerationSeconds)")
+        toleration["tolerationSeconds"] = int(seconds)
     return toleration
 
 

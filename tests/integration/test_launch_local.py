@@ -223,3 +223,17 @@ def test_two_real_workers_train_and_exit_0(demo_raw, tmp_path):
 
     latest = tf.train.latest_checkpoint(str(model / "checkpoints"))
     assert latest is not None, os.listdir(model)
+
+
+@pytest.mark.parametrize("backend", ["local", "tfjob", "trainjob"])
+def test_a_bad_train_flag_is_one_line_and_exit_2_before_anything_starts(backend, tmp_path,
+                                                                        capfd):
+    """Every worker used to print the usage and exit 1 (local), or every pod to fail (cluster)."""
+    from resnet_imagenet import cli
+
+    assert cli.main(["launch", "--backend", backend, "--workers", "2", "--kubeconfig",
+                     str(tmp_path / "nowhere"), "--", "--data-dir", str(tmp_path),
+                     "--model-dir", str(tmp_path / "m"), "--batch-sise", "64"]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "error: the train flags after '--': unrecognized arguments: --batch-sise 64")

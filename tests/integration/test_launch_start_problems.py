@@ -153,10 +153,14 @@ def test_a_tfjob_that_outlives_the_delete_wait_is_reported_and_the_status_kept(
 
 def test_the_role_reads_events_and_nothing_wider(control_plane, kube_namespace):
     apply_overlay(control_plane, "gke-gpu", kube_namespace)
-    for verb in ("get", "list", "watch"):
+    for verb in ("get", "list"):
         for resource in ("events", "events.events.k8s.io"):
             assert can_i(control_plane, kube_namespace, verb, resource,
                          "-n", kube_namespace) == "yes"
+    # The launcher polls: no watch, of events or anything else.
+    for resource in ("events", "pods", "tfjobs.kubeflow.org"):
+        assert can_i(control_plane, kube_namespace, "watch", resource,
+                     "-n", kube_namespace) == "no", resource
     for args in (["create", "events", "-n", kube_namespace],
                  ["delete", "events.events.k8s.io", "-n", kube_namespace],
                  ["list", "events", "-n", "default"]):

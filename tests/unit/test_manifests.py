@@ -34,16 +34,16 @@ OVERLAYS = ("gke-gpu", "generic")
 OPTIONAL_COMPONENTS = ("data-service", "kubeflow-tensorboard", "trainer-v2")
 NAMESPACE = "kubeflow-user-example-com"
 LAUNCHER_RULES = {
-    ("kubeflow.org", "tfjobs"): {"create", "get", "list", "watch", "patch", "delete"},
-    ("", "pods"): {"get", "list", "watch"},
+    ("kubeflow.org", "tfjobs"): {"create", "get", "list", "patch", "delete"},
+    ("", "pods"): {"get", "list"},
     ("", "pods/log"): {"get"},
     # Why replicas do not start: the operator's FailedCreatePod and other Warning events.
-    ("", "events"): {"get", "list", "watch"},
-    ("events.k8s.io", "events"): {"get", "list", "watch"},
+    ("", "events"): {"get", "list"},
+    ("events.k8s.io", "events"): {"get", "list"},
 }
 # What the trainer-v2 component adds for `launch --backend trainjob`: its TrainJobs, nothing of
 # the JobSets and Jobs Trainer's controllers make from them.
-TRAINJOB_RULES = {("trainer.kubeflow.org", "trainjobs"): {"create", "get", "list", "watch", "patch",
+TRAINJOB_RULES = {("trainer.kubeflow.org", "trainjobs"): {"create", "get", "list", "patch",
                                                           "delete"}}
 TRAINER_RUNTIMES = {"resnet-imagenet-tensorflow": {"node"},
                     "resnet-imagenet-tensorflow-evaluator": {"node", "evaluator"}}

@@ -121,6 +121,9 @@ def test_uri_schemes_and_empty_uris():
     ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
      "nvidia.com/gpu:NoSchedule"),
     ({"key": "spot", "operator": "Exists"}, "spot"),
+    # tolerationSeconds: how long a pod stays on a node that becomes unreachable, say
+    ({"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute",
+      "tolerationSeconds": 600}, "node.kubernetes.io/unreachable:NoExecute:600"),
 ])
 def test_one_toleration_format_becomes_the_launchers_flag(toleration, flag):
     assert pipeline_params.toleration_flag("train_gpu_tolerations", toleration) == flag
@@ -139,6 +142,10 @@ def test_one_toleration_format_becomes_the_launchers_flag(toleration, flag):
     ({"key": "a", "operator": "Equal"}, "operator Equal needs a value"),
     ({"key": "a", "operator": "In", "value": "b"}, "operator 'In' is not Equal or Exists"),
     ({"key": "a", "value": "b", "effect": "Never"}, "effect 'Never' is not NoSchedule"),
+    ({"key": "a", "effect": "NoSchedule", "tolerationSeconds": 60},
+     "tolerationSeconds needs effect NoExecute"),
+    ({"key": "a", "effect": "NoExecute", "tolerationSeconds": -5},
+     "tolerationSeconds -5 is not a whole number of seconds"),
 ])
 def test_bad_tolerations_are_refused_in_the_first_step(toleration, expected):
     message = refusal(tolerations={"step_tolerations": [toleration]})

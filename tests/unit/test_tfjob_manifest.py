@@ -190,9 +190,38 @@ def test_images_must_be_pinned(image, problem):
     ("pool=gpu:NoExecute", {"key": "pool", "operator": "Equal", "value": "gpu",
                             "effect": "NoExecute"}),
     ("spot:PreferNoSchedule", {"key": "spot", "operator": "Exists", "effect": "PreferNoSchedule"}),
+    ("node.kubernetes.io/unreachable:NoExecute:600",
+     {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute",
+      "tolerationSeconds": 600}),
 ])
 def test_tolerations_in_kubectl_taint_syntax(spec, toleration):
     assert options.parse_toleration(spec) == toleration
+
+
+@pytest.mark.parametrize("spec", ["a:NoSchedule:60", "a:NoExecute:soon", "a:NoExecute:-1"])
+def test_toleration_seconds_only_as_a_whole_number_with_noexecute(spec):
+    with pytest.raises(UserError, match="only KEY\\[=VALUE\\]:NoExecute:SECONDS"):
+        options.parse_toleration(spec)
+
+
+def test_every_replica_gets_the_termination_grace_period():
+    """A preempted worker saves a checkpoint between SIGTERM and SIGKILL: 120 s by default,
+    --termination-grace-period for both backends (the CRDs' schemas accept both)."""
+    from resnet_imagenet.launch import trainjob
+
+    job = build(evaluator=True)
+    assert {pod(job)["terminationGracePeriodSeconds"],
+            pod(job, "Evaluator")["terminationGracePeriodSeconds"]} == {120}
+    opts = trainjob.TrainJobOptions(name="resnet50", train_args=TRAIN, evaluator=True,
+                                    gpus_per_worker=1, termination_grace_period=300)
+    body = trainjob.build_trainjob(opts)
+    (patch,) = body["spec"]["runtimePatches"]
+    jobs = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert [j["template"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            for j in jobs] == [300, 300]
+    assert schema.schema_errors(body, schema.TRAINJOB_CRD_FILE) == []
+    with pytest.raises(UserError, match="--termination-grace-period -1: must be 0 or more"):
+        build(termination_grace_period=-1)
 
 
 def test_yaml_is_the_manifest():

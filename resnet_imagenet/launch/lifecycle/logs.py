@@ -98,6 +98,10 @@ class ChiefLogs:
             instance = None
         if instance is None or instance[1]:
             self._thread.join(self.DRAIN_S)
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop now, without a request and without waiting for the stream."""
         self._stop.set()
         response = self._response
         if response is not None and hasattr(response, "shutdown"):  # urllib3 >= 2.3

@@ -47,6 +47,7 @@ def wait(run: JobRun, deadline: float | None = None) -> dict:
     replicas = None
     failures = 0
     started_waiting = last_running = time.monotonic()
+    ended = False
     try:
         while True:
             try:
@@ -69,6 +70,7 @@ def wait(run: JobRun, deadline: float | None = None) -> dict:
             run.created = run.created or timestamp(job["metadata"].get("creationTimestamp"))
             replicas = _log_progress(run, job, seen, replicas)
             if run.backend.finished(job):
+                ended = True
                 return job
             if diagnosis.running():
                 last_running = time.monotonic()
@@ -79,7 +81,13 @@ def wait(run: JobRun, deadline: float | None = None) -> dict:
                     last_running == started_waiting else "its replicas stopped running"))
             run.pause(deadline)
     finally:
-        logs.finish()
+        # A finished job's chief has its last lines to deliver; on a timeout, a signal or an
+        # error the job is deleted next, and every second spent here is a second less of the
+        # pods' grace period for their preemption checkpoint.
+        if ended:
+            logs.finish()
+        else:
+            logs.stop()
 
 
 def _log_progress(run: JobRun, job: dict, seen: set, replicas):
