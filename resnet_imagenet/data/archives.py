@@ -19,10 +19,15 @@ number order; ``meta.mat`` maps them to wnids and gives each class its text ("wo
 What must be read before shards can be planned is an index: where each image lies. Making it
 means reading through each archive's headers: the train archive's 1,000 class tars, the
 validation tar and the bounding-box archive are 1,002 units of work, spread over ``--workers``
-and ``--num-tasks`` like shards (task I takes units k with k % T == I, then reads the other
-tasks' results, or makes the ones still missing itself). Each unit's index is kept in
-``OUT/_shards/archives/<unit>.json`` with the archive's size and version (GCS generation or
-local mtime), so a rerun or a later task reads it instead of the archive. On GCS a class tar is
+and ``--num-tasks`` like shards. Each unit is indexed by one task only, over all tasks
+(:mod:`~.index_claims`): task I claims and indexes units k with k % T == I, then claims those
+nobody has claimed (a task not started yet) and takes over those whose task shows no sign of
+life for a timeout; it waits for the rest. The train archive's listing of its class tars and
+the devkit are claimed the same way (one task reads them, the others wait). Each unit's index is
+kept in ``OUT/_shards/archives/<unit>.json`` with the archive's size and version (GCS generation
+or local mtime), so a rerun or a later task reads it instead of the archive. The boxes are kept
+one object per class (``boxes/<wnid>.json``; ``boxes.json`` lists the classes and is written
+last), so a reader reads the classes it needs, not one 50 MB document. On GCS a class tar is
 streamed in 8 MiB ranged reads; locally the reader seeks from header to header.
 
 Bad archives are refused with one line naming the file and what is wrong: a truncated archive,
@@ -31,6 +36,7 @@ a member that is not a tar, a devkit without the ground truth, archives of anoth
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -45,7 +51,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from resnet_imagenet import storage
-from resnet_imagenet.data import imagenet
+from resnet_imagenet.data import imagenet, index_claims
 from resnet_imagenet.data.imagenet import RawDataset, RawFile
 from resnet_imagenet.errors import UserError
 
@@ -65,6 +71,8 @@ _OTHER_YEAR = re.compile(r"ILSVRC(\d{4})", re.IGNORECASE)
 _CLASS_TAR = re.compile(r"^(n\d{8})\.tar$")
 CACHE_DIR = "archives"  # under OUT/_shards/
 CACHE_THREADS = 32
+BOXES_DIR = "boxes"  # under CACHE_DIR: one object per class
+BOXES_FORMAT = "per-class"  # in the boxes unit's key: a boxes.json of one document is not read
 BLOCK = tarfile.BLOCKSIZE
 
 # Reader buffers: each refill is one ranged read on GCS. Hopping between the 1,000 headers of
@@ -284,41 +292,59 @@ def _read_cache(unit: Unit) -> dict | None:
     return found if found.get("key") == unit.key else None
 
 
-def _train_classes(raw_dir: str, key: str, cache_dir: str) -> list[tuple[str, int, int]]:
+def _shared(unit: Unit, make: Callable[[], dict], claims: index_claims.Claims | None) -> dict:
+    """The cached index of a unit every task needs before it can go on (the train archive's
+    listing, the devkit): one task makes it (``make`` writes it), the others wait for it."""
+    cached = _read_cache(unit)
+    if cached is not None or claims is None:
+        return cached if cached is not None else make()
+    return index_claims.share([unit.name], [unit.name], lambda names: [(unit.name, make())],
+                              lambda name: _read_cache(unit), claims,
+                              what=f"{unit.where} ({unit.name})")[unit.name]
+
+
+def _train_classes(raw_dir: str, key: str, cache_dir: str,
+                   claims: index_claims.Claims | None = None) -> list[tuple[str, int, int]]:
     """The class tars of the train archive: ``(wnid, data offset, size)`` (cached)."""
     unit = Unit("train", raw_dir, TRAIN, 0, 0, key, cache_dir)
-    cached = _read_cache(unit)
-    if cached is not None:
-        return [tuple(m) for m in cached["members"]]
-    uri = unit.uri
-    length = int(key.split(":")[1])
-    buffer = HOP_BUFFER if storage.is_remote(uri) else LOCAL_HOP_BUFFER
-    with storage.open_range(uri, 0, length, buffer_size=buffer) as reader:
-        members = list_tar(reader, length, uri)
-    classes = []
-    for name, offset, size in members:
-        match = _CLASS_TAR.match(posixpath.basename(name))
-        if not match:
-            year = _other_year([name])
-            raise BadArchive(
-                f"{uri} holds {name}, not a class archive <wnid>.tar"
-                + (f": this is ILSVRC{year} data" if year else
-                   f": use the official {TRAIN} (one tar per class)"))
-        classes.append((match.group(1), offset, size))
-    storage.write_text(unit.cache_uri, json.dumps({"key": key, "members": classes}) + "\n")
-    return classes
+
+    def make() -> dict:
+        uri = unit.uri
+        length = int(key.split(":")[1])
+        buffer = HOP_BUFFER if storage.is_remote(uri) else LOCAL_HOP_BUFFER
+        with storage.open_range(uri, 0, length, buffer_size=buffer) as reader:
+            members = list_tar(reader, length, uri)
+        classes = []
+        for name, offset, size in members:
+            match = _CLASS_TAR.match(posixpath.basename(name))
+            if not match:
+                year = _other_year([name])
+                raise BadArchive(
+                    f"{uri} holds {name}, not a class archive <wnid>.tar"
+                    + (f": this is ILSVRC{year} data" if year else
+                       f": use the official {TRAIN} (one tar per class)"))
+            classes.append((match.group(1), offset, size))
+        index = {"key": key, "members": classes}
+        storage.write_text(unit.cache_uri, json.dumps(index) + "\n")
+        return index
+
+    return [tuple(m) for m in _shared(unit, make, claims)["members"]]
 
 
 def index_unit(unit: Unit) -> dict:
     """Read one unit's headers (or XML files) and write its index; returns the index.
 
     ``{"unit", "key", "files": [[name, offset, size], ...]}`` for a class tar or the validation
-    tar (offsets in the archive file); ``{"unit", "key", "boxes": {wnid: {xml name: boxes or
-    null}}}`` for
-    the bounding boxes (null: a file that is not a usable annotation).
+    tar (offsets in the archive file); ``{"unit", "key", "classes": [wnid, ...]}`` for the
+    bounding boxes, whose ``{xml name: boxes or null}`` (null: a file that is not a usable
+    annotation) go to one object per class first (:func:`box_class_uri`).
     """
     if unit.name == "boxes":
-        index = {"unit": unit.name, "key": unit.key, "boxes": _index_boxes(unit)}
+        boxes = _index_boxes(unit)
+        with ThreadPoolExecutor(CACHE_THREADS) as pool:
+            list(pool.map(lambda wnid: storage.write_text(box_class_uri(unit, wnid), json.dumps(
+                {"key": unit.key, "wnid": wnid, "boxes": boxes[wnid]}) + "\n"), sorted(boxes)))
+        index = {"unit": unit.name, "key": unit.key, "classes": sorted(boxes)}
     else:
         remote = storage.is_remote(unit.uri)
         buffer = REMOTE_STREAM_BUFFER if remote else LOCAL_HOP_BUFFER
@@ -335,6 +361,33 @@ def index_unit(unit: Unit) -> dict:
         index = {"unit": unit.name, "key": unit.key, "files": files}
     storage.write_text(unit.cache_uri, json.dumps(index) + "\n")
     return index
+
+
+def box_class_uri(unit: Unit, wnid: str) -> str:
+    return storage.join(unit.cache_dir, BOXES_DIR, wnid + ".json")
+
+
+def read_boxes(unit: Unit, wnids: Iterable[str]) -> dict[str, dict[str, list | None]]:
+    """The boxes of the classes ``wnids`` (those the boxes unit's index lists), one object per
+    class read in parallel; the unit is indexed again if one is missing or of another key."""
+    wnids = sorted(wnids)
+
+    def read(wnid: str) -> dict | None:
+        try:
+            found = json.loads(storage.read_text(box_class_uri(unit, wnid)))
+        except (FileNotFoundError, ValueError):
+            return None
+        return found["boxes"] if found.get("key") == unit.key else None
+
+    with ThreadPoolExecutor(CACHE_THREADS) as pool:
+        found = dict(zip(wnids, pool.map(read, wnids)))
+    lost = [w for w, b in found.items() if b is None]
+    if lost:
+        log.warning("%s: the boxes of %d classes (%s...) are missing or of another archive "
+                    "version; indexing %s again", unit.cache_dir, len(lost), lost[0], unit.uri)
+        index_unit(unit)
+        return read_boxes(unit, wnids)
+    return found
 
 
 def _index_boxes(unit: Unit) -> dict[str, dict[str, list | None]]:
@@ -362,13 +415,15 @@ def _inline(units: list[Unit]) -> Iterable[dict]:
 
 
 def build_index(units: list[Unit], run: RunUnits = _inline, num_tasks: int = 1,
-                task_index: int = 0) -> dict[str, dict]:
-    """Every unit's index: from the cache, made by this task, or left by other tasks.
+                task_index: int = 0, claims: index_claims.Claims | None = None
+                ) -> dict[str, dict]:
+    """Every unit's index: from the cache, made by this task, or made by other tasks.
 
-    This task makes its share first (units k with k % num_tasks == task_index) with ``run``
-    (the converter's worker pool), then takes the other tasks' results; those still missing
-    (a task not started yet, or slower) it makes itself. Indexes are deterministic, so two
-    tasks writing the same one write the same bytes.
+    Each unit is indexed once over all tasks (:func:`.index_claims.share`): this task claims
+    its share (units k with k % num_tasks == task_index) and makes it with ``run`` (the
+    converter's worker pool), then the units nobody has claimed and those whose claim went
+    stale; it waits for those other live tasks hold. Indexes are deterministic, so a unit made
+    twice (a task thought dead that comes back) is the same bytes.
     """
     def read_all(wanted: list[Unit]) -> dict[str, dict]:
         with ThreadPoolExecutor(CACHE_THREADS) as pool:
@@ -376,58 +431,76 @@ def build_index(units: list[Unit], run: RunUnits = _inline, num_tasks: int = 1,
             return {u.name: f for u, f in zip(wanted, found) if f is not None}
 
     done = read_all(units)
-    mine = [u for k, u in enumerate(units) if k % num_tasks == task_index and u.name not in done]
-    if mine:
-        log.info("indexing %d of %d archive units (%d indexed already)", len(mine), len(units),
-                 len(done))
-    done.update((index["unit"], index) for index in run(mine))
-    rest = [u for u in units if u.name not in done]
-    if rest:
-        done.update(read_all(rest))
-        rest = [u for u in units if u.name not in done]
-        if rest:
-            log.info("indexing %d archive units that other tasks have not indexed yet",
-                     len(rest))
-            done.update((index["unit"], index) for index in run(rest))
+    missing = [u.name for u in units if u.name not in done]
+    if not missing:
+        return done
+    by_name = {u.name: u for u in units}
+    own = [u.name for k, u in enumerate(units) if k % num_tasks == task_index
+           and u.name not in done]
+
+    def index(names: list[str]) -> Iterable[tuple[str, dict]]:
+        return ((found["unit"], found) for found in run([by_name[n] for n in names]))
+
+    with contextlib.ExitStack() as stack:
+        if claims is None:
+            claims = stack.enter_context(index_claims.Claims(units[0].cache_dir, task_index))
+        done.update(index_claims.share(missing, own, index, lambda n: _read_cache(by_name[n]),
+                                       claims, num_tasks, total=len(units)))
     return done
 
 
 # ------------------------------------------------------------------------------ the dataset
 
 
-def units_of(raw_dir: str, cache_dir: str) -> tuple[list[Unit], dict[str, str]]:
+def units_of(raw_dir: str, cache_dir: str, claims: index_claims.Claims | None = None
+             ) -> tuple[list[Unit], dict[str, str]]:
     """The indexing units (the long ones first) and every archive's key."""
     keys = {name: _key(raw_dir, name) for name in (TRAIN, VALIDATION, BOXES)}
     units = [
         Unit("validation", raw_dir, VALIDATION, 0, int(keys[VALIDATION].split(":")[1]),
              keys[VALIDATION], cache_dir),
-        Unit("boxes", raw_dir, BOXES, 0, int(keys[BOXES].split(":")[1]), keys[BOXES], cache_dir),
+        Unit("boxes", raw_dir, BOXES, 0, int(keys[BOXES].split(":")[1]),
+             f"{keys[BOXES]}:{BOXES_FORMAT}", cache_dir),
     ]
-    for wnid, offset, size in _train_classes(raw_dir, keys[TRAIN], cache_dir):
+    for wnid, offset, size in _train_classes(raw_dir, keys[TRAIN], cache_dir, claims):
         units.append(Unit(f"train-{wnid}", raw_dir, TRAIN, offset, size, keys[TRAIN], cache_dir))
     return units, keys
 
 
-def _devkit(raw_dir: str, cache_dir: str) -> Devkit:
+def _devkit(raw_dir: str, cache_dir: str, claims: index_claims.Claims | None = None) -> Devkit:
     """:func:`read_devkit`, kept in the cache: a rerun needs neither the archive nor scipy."""
     unit = Unit("devkit", raw_dir, DEVKIT, 0, 0, _key(raw_dir, DEVKIT), cache_dir)
-    cached = _read_cache(unit)
-    if cached is not None:
-        return Devkit(cached["classes"], {int(k): v for k, v in cached["wnid_of_id"].items()},
-                      tuple(cached["ground_truth"]))
-    devkit = read_devkit(raw_dir)
-    storage.write_text(unit.cache_uri, json.dumps(
-        {"unit": unit.name, "key": unit.key, "classes": devkit.classes,
-         "wnid_of_id": devkit.wnid_of_id, "ground_truth": devkit.ground_truth}) + "\n")
-    return devkit
+
+    def make() -> dict:
+        devkit = read_devkit(raw_dir)
+        index = {"unit": unit.name, "key": unit.key, "classes": devkit.classes,
+                 "wnid_of_id": devkit.wnid_of_id, "ground_truth": devkit.ground_truth}
+        storage.write_text(unit.cache_uri, json.dumps(index) + "\n")
+        return json.loads(json.dumps(index))  # what a reader of the cache gets
+
+    cached = _shared(unit, make, claims)
+    return Devkit(cached["classes"], {int(k): v for k, v in cached["wnid_of_id"].items()},
+                  tuple(cached["ground_truth"]))
 
 
 def load(raw_dir: str, cache_dir: str, run: RunUnits = _inline, num_tasks: int = 1,
          task_index: int = 0) -> RawDataset:
     """The dataset the archives in ``raw_dir`` hold, as the extracted layout would give it."""
     raw_dir = storage.normalize(raw_dir)
-    devkit = _devkit(raw_dir, cache_dir)
-    units, _ = units_of(raw_dir, cache_dir)
+    with index_claims.Claims(cache_dir, task_index) as claims:
+        devkit = _devkit(raw_dir, cache_dir, claims)
+        units, _ = units_of(raw_dir, cache_dir, claims)
+        _check_classes(raw_dir, devkit, units)
+        indexes = build_index(units, run, num_tasks, task_index, claims)
+    synsets = sorted(u.name[len("train-"):] for u in units if u.name.startswith("train-"))
+    label_of = {wnid: k for k, wnid in enumerate(synsets, start=1)}
+    box_unit = next(u for u in units if u.name == "boxes")
+    listed = set(indexes["boxes"]["classes"])
+    boxes = read_boxes(box_unit, [w for w in synsets if w in listed])
+    return _dataset(raw_dir, devkit, synsets, label_of, indexes, boxes)
+
+
+def _check_classes(raw_dir: str, devkit: Devkit, units: list[Unit]) -> None:
     synsets = sorted(u.name[len("train-"):] for u in units if u.name.startswith("train-"))
     unknown = [w for w in synsets if w not in devkit.classes]
     if unknown:
@@ -438,10 +511,10 @@ def load(raw_dir: str, cache_dir: str, run: RunUnits = _inline, num_tasks: int =
         raise BadArchive(f"{storage.join(raw_dir, TRAIN)} holds {len(synsets)} class archives but "
                          f"{META} lists {len(devkit.classes)} classes ({absent[0]}.tar is "
                          "missing): download it again")
-    indexes = build_index(units, run, num_tasks, task_index)
-    label_of = {wnid: k for k, wnid in enumerate(synsets, start=1)}
-    boxes = indexes["boxes"]["boxes"]
 
+
+def _dataset(raw_dir: str, devkit: Devkit, synsets: list[str], label_of: dict[str, int],
+             indexes: dict[str, dict], boxes: dict[str, dict]) -> RawDataset:
     train = []
     for wnid in synsets:
         files = {n: (o, s) for n, o, s in indexes[f"train-{wnid}"]["files"]

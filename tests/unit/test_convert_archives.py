@@ -69,8 +69,10 @@ def test_sample_data_archives_hold_the_demo_files(demo_raw, demo_archives):
 def test_archives_convert_to_the_bytes_of_the_extracted_layout(extracted_out, archives_out):
     assert without_index(tree(archives_out)) == tree(extracted_out)
     index = sorted(k[len(CACHE):] for k in tree(archives_out) if k.startswith(CACHE))
+    # the boxes one object per class (boxes.json lists them); no claim or heartbeat is left
     assert index == sorted(["boxes.json", "devkit.json", "train.json", "validation.json"]
-                           + [f"train-n0000000{c}.json" for c in range(10)])
+                           + [f"train-n0000000{c}.json" for c in range(10)]
+                           + [f"boxes/n0000000{c}.json" for c in range(10)])
     record = read_records(str(archives_out / "validation-00000-of-00002"))[0]
     assert record["filename"].startswith("ILSVRC2012_val_") and record["boxes"] == []
 
