@@ -367,7 +367,8 @@ def box_class_uri(unit: Unit, wnid: str) -> str:
     return storage.join(unit.cache_dir, BOXES_DIR, wnid + ".json")
 
 
-def read_boxes(unit: Unit, wnids: Iterable[str]) -> dict[str, dict[str, list | None]]:
+def read_boxes(unit: Unit, wnids: Iterable[str], again: bool = True
+               ) -> dict[str, dict[str, list | None]]:
     """The boxes of the classes ``wnids`` (those the boxes unit's index lists), one object per
     class read in parallel; the unit is indexed again if one is missing or of another key."""
     wnids = sorted(wnids)
@@ -382,11 +383,14 @@ def read_boxes(unit: Unit, wnids: Iterable[str]) -> dict[str, dict[str, list | N
     with ThreadPoolExecutor(CACHE_THREADS) as pool:
         found = dict(zip(wnids, pool.map(read, wnids)))
     lost = [w for w, b in found.items() if b is None]
+    if lost and not again:
+        raise BadArchive(f"{unit.cache_dir}: the boxes of {lost[0]} cannot be read back after "
+                         f"indexing {unit.uri}: was it replaced meanwhile? Run again")
     if lost:
         log.warning("%s: the boxes of %d classes (%s...) are missing or of another archive "
                     "version; indexing %s again", unit.cache_dir, len(lost), lost[0], unit.uri)
         index_unit(unit)
-        return read_boxes(unit, wnids)
+        return read_boxes(unit, wnids, again=False)
     return found
 
 

@@ -19,7 +19,7 @@ existing name), so two tasks never both hold one. Then, for every unit still mis
   what it waits for;
 * a claim without a sign of life for the timeout (its task died mid-unit): it replaces the
   claim with its own, guarded by the generation it saw (locally: compare and replace under an
-  flock of the directory), so of several waiting tasks exactly one takes it over; it then indexes the unit.
+  flock of the directory), so of several waiting tasks exactly one takes it over and indexes it.
 
 Each task's heartbeat is refreshed by a thread while the task runs (every timeout / 5), however
 long a unit takes. A claim is removed when its index is written. Indexes are deterministic: if
@@ -99,7 +99,7 @@ class Claims:
             record["unit"] = unit
         return (json.dumps(record, sort_keys=True) + "\n").encode()
 
-    def _read(self, uri: str) -> tuple[dict, str] | None:
+    def read_record(self, uri: str) -> tuple[dict, str] | None:
         """``(record, version)`` of a claim or heartbeat; None when absent or unreadable."""
         try:
             if self.remote:
@@ -132,19 +132,19 @@ class Claims:
         finally:
             os.close(fd)  # releases the lock
 
-    def _write(self, uri: str, data: bytes, generation: int | None) -> bool:
+    def _write(self, uri: str, data: bytes, generation: int | None) -> str | None:
         """Write ``uri``: created if ``generation`` is 0, replaced if it is that version, or
-        unconditionally if None. False when the precondition fails."""
+        unconditionally if None. Its new version, or None when the precondition fails."""
         if self.remote:
             blob = storage.gcs_blob(uri)
             try:
                 blob.upload_from_string(data, content_type="application/json",
                                         if_generation_match=generation,
                                         retry=storage.retry_policy(), timeout=storage.TIMEOUT)
-                return True
+                return str(blob.generation)
             except _precondition_failed():
-                found = self._read(uri)  # a retried write that landed is ours
-                return found is not None and found[0].get("token") == self.token
+                found = self.read_record(uri)  # a retried write that landed is ours
+                return found[1] if found and found[0].get("token") == self.token else None
         tmp = storage.temp_name(uri)
         os.makedirs(self.cache_dir, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -153,11 +153,18 @@ class Claims:
             if generation == 0:
                 try:
                     os.link(tmp, uri)  # fails on an existing name: create-if-absent
-                    return True
                 except FileExistsError:
-                    return False
-            os.replace(tmp, uri)
-            return True
+                    return None
+                except OSError:  # a file system without hard links: an exclusive create
+                    try:
+                        with open(uri, "xb") as f:
+                            f.write(data)
+                    except FileExistsError:
+                        return None
+            else:
+                os.replace(tmp, uri)
+            st = os.stat(uri)
+            return f"{st.st_ino}:{st.st_mtime_ns}"
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
@@ -193,10 +200,10 @@ class Claims:
     def claim(self, unit: str) -> bool:
         """Create the unit's claim if nobody holds one; True if this task now holds it."""
         self._beating()
-        if not self._write(self.claim_uri(unit), self._record(unit), 0):
-            return False
-        self._remember(unit)
-        return True
+        version = self._write(self.claim_uri(unit), self._record(unit), 0)
+        if version is not None:
+            self._mine[unit] = version
+        return version is not None
 
     def take_over(self, unit: str, version: str) -> bool:
         """Replace a claim seen at ``version`` (a stale one) with ours; False if it changed."""
@@ -206,16 +213,12 @@ class Claims:
             won = self._write(uri, self._record(unit), int(version))
         else:
             with self._locked():
-                found = self._read(uri)
-                won = found is not None and found[1] == version and \
-                    self._write(uri, self._record(unit), None)
-        if won:
-            self._remember(unit)
-        return won
-
-    def _remember(self, unit: str) -> None:
-        found = self._read(self.claim_uri(unit))
-        self._mine[unit] = found[1] if found and found[0].get("token") == self.token else ""
+                found = self.read_record(uri)
+                won = self._write(uri, self._record(unit), None) \
+                    if found is not None and found[1] == version else None
+        if won is not None:
+            self._mine[unit] = won
+        return won is not None
 
     def release(self, unit: str) -> None:
         """Remove our claim (the unit's index is written); never one another task took over."""
@@ -225,11 +228,11 @@ class Claims:
         uri = self.claim_uri(unit)
         try:
             if self.remote:
-                storage.gcs_blob(uri).delete(if_generation_match=int(version) if version else None,
+                storage.gcs_blob(uri).delete(if_generation_match=int(version),
                                              retry=storage.retry_policy(), timeout=storage.TIMEOUT)
                 return
             with self._locked():
-                found = self._read(uri)
+                found = self.read_record(uri)
                 if found is not None and found[0].get("token") == self.token:
                     os.remove(uri)
         except _precondition_failed():
@@ -257,7 +260,7 @@ class Claims:
         """True when the claim's task has shown no sign of life for the timeout."""
         token = claim.get("token", "")
         if token not in beats:
-            found = self._read(self._uri(f"{ALIVE_PREFIX}{token}.json"))
+            found = self.read_record(self._uri(f"{ALIVE_PREFIX}{token}.json"))
             beats[token] = found[0] if found else None
         last = max(float(claim.get("time", 0)), float((beats[token] or {}).get("time", 0)))
         return time.time() - last > self.timeout
@@ -313,7 +316,7 @@ def share(names: list[str], own: list[str], index: Index, read: Callable[[str], 
                 free.append(name)
                 continue
             if name not in claim_of or claim_of[name][1] != version:
-                found = claims._read(claims.claim_uri(name))
+                found = claims.read_record(claims.claim_uri(name))
                 if found is None:  # released or replaced since the listing: look again
                     waiting[name] = -1
                     continue
@@ -347,7 +350,7 @@ def share(names: list[str], own: list[str], index: Index, read: Callable[[str], 
             run(won)
             continue
         tasks = tuple(sorted({t for t in waiting.values() if t >= 0}))
-        if tasks != awaited:
+        if tasks and tasks != awaited:  # once per change of whom it waits for
             awaited = tasks
             log.info("waiting for %d %s claimed by task%s %s (looking every %g s; a claim "
                      "without a sign of life for %g s is taken over)", len(waiting), what,

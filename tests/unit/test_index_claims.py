@@ -60,7 +60,7 @@ def test_of_tasks_racing_for_a_claim_or_a_takeover_exactly_one_wins(tmp_path):
         # a claim of a task that died an hour ago
         (tmp_path / "v.claim").write_text(json.dumps(
             {"unit": "v", "task": 3, "token": "dead", "time": time.time() - 3600}))
-        found, version = tasks[0]._read(str(tmp_path / "v.claim"))
+        found, version = tasks[0].read_record(str(tmp_path / "v.claim"))
         assert tasks[0].stale(found, {})
         assert sorted(concurrently([lambda c=c: c.take_over("v", version) for c in tasks])) == \
             [False] * 7 + [True]
