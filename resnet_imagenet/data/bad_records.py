@@ -6,8 +6,9 @@ Two kinds of damage, both skipped rather than ending a run that has days to go:
   (TFRecord keeps a CRC of each record's length and of its data). TensorFlow's reader stops at
   such a record and cannot find the next one, so the rest of that shard is skipped: each shard
   is read by its own reader whose error is swallowed (``ignore_errors``), and where its records
-  end before its bytes do, the shard was cut at that offset. How many records were lost is
-  estimated from the records read before the cut (the framing that would tell is what broke).
+  end before its bytes do (or before the manifest's count for it), the shard was cut at that
+  offset. The records lost are the manifest's count less those read; shards converted before
+  the manifest had per-shard counts get an estimate (the framing that would tell is what broke).
 * **a record that reads but does not parse or decode** (a bad JPEG, a malformed Example): that
   record alone is skipped, by the decode windows of :mod:`~resnet_imagenet.data.pipeline`.
 
@@ -15,8 +16,9 @@ Every skip is logged on stderr with the shard and the byte offset, by ``tf.print
 from tf.data's threads and on tf.data service workers alike, whatever TF_CPP_MIN_LOG_LEVEL is),
 and counted twice: in the training stream itself (the first example of each decode window
 carries the count of records its window skipped, so the training step all-reduces the counts
-with the loss and every worker sees the same total at the same step) and in a :class:`Registry` of this process (which
-shards, from which offset), from which the messages and summaries name the shards.
+with the loss and every worker sees the same total at the same step) and in a
+:class:`Registry` of this process (which shards, from which offset), from which the messages
+and summaries name the shards.
 
 The bound, ``--max-bad-records``: a share of the records seen (``0.1%``, the default) or a
 count (``500``). A share is of the records seen so far, but never of fewer than one epoch's:
@@ -33,7 +35,6 @@ from resnet_imagenet import storage
 from resnet_imagenet.errors import UserError
 
 HEADER_BYTES = 16  # per TFRecord record: length (8 bytes), its CRC (4), then the data's CRC (4)
-DEFAULT_BOUND = "0.1%"
 READ_BUFFER_BYTES = 8 << 20  # per open shard: large sequential reads suit GCS and local disks
 END = b"\0resnet-imagenet: end of shard\0"  # never an Example: a protobuf has no field 0
 SCAN_BATCH = 64  # records whose offsets are worked out together
@@ -102,7 +103,7 @@ class Registry:
                     for path, (offset, count) in sorted(self._shards.items())]
 
     def describe(self, most: int = 5) -> str:
-        """``"train-00003-of-01024 from byte 1234 (~600 records), ..."`` for messages."""
+        """``"train-00003-of-01024 from byte 1234 (600 records), ..."`` for messages."""
         shards = self.shards()
         text = ", ".join(f"{storage.basename(s['shard'])} from byte {s['offset']} "
                          f"({s['records']} record{'s' if s['records'] != 1 else ''})"

@@ -305,8 +305,9 @@ def train_dataset(
     component, int64 ``[B]``, each example's position (:func:`position`): the last one of the
     last batch consumed is where to resume (epoch, index + 1). ``with_skipped`` adds one more,
     int64 ``[B]``: the records skipped (unreadable) on the way to each example, whose sum over
-    the batches consumed is the records lost so far (to a decode window of 32 records); ``registry`` learns which shards they were in
-    (not with ``data_service``: its workers run no Python). ``num_classes`` > 0 stops the
+    the batches consumed is the records lost so far (to a decode window of 32 records);
+    ``registry`` learns which shards they were in (not with ``data_service``: its workers run
+    no Python). ``num_classes`` > 0 stops the
     stream with an error naming the shard at a label outside 1..num_classes.
     ``data_service`` (``grpc://host:port`` or ``host:port`` of a tf.data service dispatcher)
     runs the pipeline on its workers instead, in ``distributed_epoch`` mode (no exact resume);
