@@ -25,7 +25,7 @@ from resnet_imagenet.errors import UserError
 from resnet_imagenet.launch import lifecycle, local, options, trainjob
 from resnet_imagenet.launch.lifecycle.submit import submit
 from resnet_imagenet.training import strategy
-from tests.support.backends import (TRAINJOB, apply, can_i, core, finish, gone, launching,
+from tests.support.backends import (TRAINJOB, apply, can_i, core, custom, finish, gone, launching,
                                     render_overlay, running_pods, wait_until)
 from tests.support.cluster import GPU_ACCELERATOR, GPU_POOL, NODEPOOL_LABEL
 
@@ -163,6 +163,38 @@ def test_trainjob_pods_get_the_tf_config_the_local_backend_writes(control_plane,
             for env in envs]
     assert [(c.num_workers, c.task_index, c.worker_id, c.is_chief) for c in ours] == \
         [(c.num_workers, c.task_index, c.worker_id, c.is_chief) for c in local_configs]
+
+
+def test_a_failing_trainjob_evaluator_is_retried_without_the_workers(control_plane,
+                                                                      kube_namespace):
+    """An evaluator's failure does not restart the GPU workers (JobSet's default action for a
+    failed Job, RestartJobSet, would): its Job retries its pod (backoffLimit 6 in the
+    -evaluator runtime), the workers' pods stay, and the run goes on."""
+    TRAINJOB.prepare(control_plane, kube_namespace)
+    opts = TRAINJOB.options(kube_namespace, evaluator=True, gpus_per_worker=1,
+                            accelerator=GPU_ACCELERATOR)
+    selector = (f"{trainjob.JOBSET_NAME_LABEL}=resnet-test,"
+                f"{trainjob.REPLICATED_JOB_LABEL}={trainjob.EVALUATOR}")
+
+    def evaluators(exclude: set):
+        return [p for p in core(control_plane).list_namespaced_pod(
+            kube_namespace, label_selector=selector).items
+            if p.status.phase == "Running" and not p.metadata.deletion_timestamp
+            and p.metadata.uid not in exclude]
+
+    with launching(TRAINJOB, control_plane.admin(), opts) as (result, _):
+        workers = running_pods(control_plane, TRAINJOB, kube_namespace, "resnet-test", 2)
+        (evaluator,) = wait_until(lambda: evaluators(set()), what="a running evaluator")
+        finish(control_plane, kube_namespace, [evaluator], exit_code=1, reason="Error")
+        (retried,) = wait_until(lambda: evaluators({evaluator.metadata.uid}), timeout=60.0,
+                                what="the evaluator's pod retried by its Job")
+        still = running_pods(control_plane, TRAINJOB, kube_namespace, "resnet-test", 2)
+        assert [p.metadata.uid for p in still] == [p.metadata.uid for p in workers]
+        jobset = custom(control_plane).get_namespaced_custom_object(
+            "jobset.x-k8s.io", "v1alpha2", kube_namespace, "jobsets", "resnet-test")
+        assert (jobset.get("status") or {}).get("restarts", 0) == 0
+        finish(control_plane, kube_namespace, [retried, *still])
+        assert result.result(timeout=90) == 0
 
 
 def test_trainjob_evaluator_runs_next_to_the_workers_on_the_gpu_pool(
