@@ -76,6 +76,11 @@ class ClusterBackend(abc.ABC):
         backend knows what fixes it; else ``""``."""
         return ""
 
+    # The reason of the Warning event the controller records on the job at each replica
+    # restart, when the launcher must count them (lifecycle.restarts); None: the job's own
+    # policy bounds its restarts.
+    restart_reason: str | None = None
+
     # -- the job's status --
 
     @abc.abstractmethod

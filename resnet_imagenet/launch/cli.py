@@ -118,6 +118,12 @@ def _add_cluster_arguments(job) -> None:
                      "(pods unschedulable or never created, images not pulled, crash loops; "
                      "the reasons are printed as they change); 0: wait for ever (default "
                      "%(default)g)")
+    job.add_argument("--max-restarts", type=int, default=lifecycle.DEFAULT_MAX_RESTARTS,
+                     metavar="N",
+                     help="tfjob: delete the job and fail once its replicas were restarted more "
+                     "than N times (training-operator recreates a failed pod without limit "
+                     "under --restart-policy ExitCode; a TrainJob's runtime bounds its own "
+                     "restarts) (default %(default)s)")
     job.add_argument("--poll-interval", type=float, default=lifecycle.DEFAULT_POLL_INTERVAL,
                      metavar="SECONDS", help="how often to check the job (default %(default)s)")
     job.add_argument("--log-tail", type=int, default=lifecycle.DEFAULT_LOG_TAIL,
@@ -205,6 +211,12 @@ def run(args: argparse.Namespace) -> int:
     if args.start_timeout < 0:
         raise UserError(f"--start-timeout {args.start_timeout:g}: must be 0 (wait for ever) or "
                         "more")
+    if args.max_restarts < 0:
+        raise UserError(f"--max-restarts {args.max_restarts}: must be 0 (no restart) or more")
+    if args.backend == "trainjob" and args.max_restarts != lifecycle.DEFAULT_MAX_RESTARTS:
+        raise UserError(f"--max-restarts {args.max_restarts}: with --backend trainjob the "
+                        "TrainingRuntime's failurePolicy.maxRestarts decides; leave the flag "
+                        "out, or edit the runtime in manifests/components/trainer-v2")
     backend = CLUSTER_BACKENDS[args.backend]
     opts = cluster_options(args)
     if args.dry_run:
@@ -213,4 +225,5 @@ def run(args: argparse.Namespace) -> int:
     return lifecycle.launch(
         backend, opts, kubeconfig=args.kubeconfig, context=args.context, timeout=args.timeout,
         poll_interval=args.poll_interval, log_tail=args.log_tail,
-        start_timeout=args.start_timeout)
+        start_timeout=args.start_timeout,
+        max_restarts=args.max_restarts if args.backend == "tfjob" else None)

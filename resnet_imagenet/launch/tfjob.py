@@ -169,6 +169,7 @@ class TFJobBackend(ClusterBackend):
     rbac_manifest, rbac_hint = RBAC_MANIFEST, RBAC_HINT
     containers = (CONTAINER,)
     chief_prefix = "worker-0"
+    restart_reason = f"{KIND}Restarting"  # training-operator's event at each recreated pod
 
     def manifest(self, opts: TFJobOptions) -> dict:
         return build_tfjob(opts)

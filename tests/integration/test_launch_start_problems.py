@@ -168,3 +168,42 @@ def test_the_role_reads_events_and_nothing_wider(control_plane, kube_namespace):
     rules = client.RbacAuthorizationV1Api(control_plane.admin()).read_namespaced_role(
         "resnet-imagenet-launcher", kube_namespace).rules
     assert not any("*" in (r.verbs + r.resources + r.api_groups) for r in rules)
+
+
+def test_a_worker_failing_again_and_again_is_stopped_after_max_restarts(
+        control_plane, kube_namespace, caplog):
+    """training-operator recreates a pod that exits 137 under restartPolicy ExitCode, and no
+    restartCount grows (kubeflow/trainer#2045): the launcher counts the operator's restarts
+    and stops the job past --max-restarts, its last line naming the pod, code and reason."""
+    caplog.set_level(logging.INFO)
+    seen: set = set()
+    with launching(TFJOB, control_plane.admin(), TFJOB.options(kube_namespace),
+                   max_restarts=2) as (result, _):
+        for attempt in range(3):  # the first run and two restarts: a third restart stops it
+            def worker_1():
+                pods = running_pods(control_plane, TFJOB, kube_namespace, "resnet-test", 2)
+                return [p for p in pods if p.metadata.name.endswith("-worker-1")
+                        and p.metadata.uid not in seen] or None
+            (pod,) = wait_until(worker_1, timeout=60.0, what=f"worker 1, attempt {attempt + 1}")
+            seen.add(pod.metadata.uid)
+            finish(control_plane, kube_namespace, [pod], exit_code=137, reason="OOMKilled")
+        assert result.result(timeout=90) == 1
+    lines = launcher_lines(caplog)
+    last = lines[-1]
+    assert last.startswith(f"TFJob {kube_namespace}/resnet-test stopped after 3 replica restarts "
+                           "(more than --max-restarts 2): worker-1 (pod resnet-test-worker-1) "
+                           "exited with code 137 (OOMKilled)"), last
+    assert f"deleted TFJob {kube_namespace}/resnet-test" in lines
+    wait_until(lambda: gone(control_plane, TFJOB, kube_namespace, "resnet-test"),
+               what="the job and its pods gone")
+
+
+def test_max_restarts_below_zero_or_with_trainjob_is_refused_in_one_line(capsys):
+    from resnet_imagenet import cli
+
+    train = ["--", "--data-dir", "gs://b/d", "--model-dir", "gs://b/m"]
+    assert cli.main(["launch", "--max-restarts", "-1", *train]) == 2
+    assert capsys.readouterr().err == (
+        "error: --max-restarts -1: must be 0 (no restart) or more\n")
+    assert cli.main(["launch", "--backend", "trainjob", "--max-restarts", "3", *train]) == 2
+    assert "TrainingRuntime's failurePolicy.maxRestarts decides" in capsys.readouterr().err

@@ -7,13 +7,15 @@ stream, clean up. It reaches a backend only through
 
 Modules: ``client`` (connection, API errors as one-line UserErrors), ``job`` (one job on the API
 server, its deletion), ``submit`` (create or re-attach, the owner), ``wait`` (follow +
-diagnose), ``logs`` (the chief's log, the failed replicas'), ``run`` (:func:`launch`).
+diagnose), ``restarts`` (a crash loop stopped), ``logs`` (the chief's log, the failed
+replicas'), ``run`` (:func:`launch`).
 """
 
 from resnet_imagenet.launch.lifecycle.job import (DEFAULT_DELETE_WAIT, DEFAULT_LOG_TAIL,
                                                   DEFAULT_POLL_INTERVAL, DEFAULT_START_TIMEOUT,
                                                   JobRun)
+from resnet_imagenet.launch.lifecycle.restarts import DEFAULT_MAX_RESTARTS
 from resnet_imagenet.launch.lifecycle.run import launch
 
-__all__ = ["DEFAULT_DELETE_WAIT", "DEFAULT_LOG_TAIL", "DEFAULT_POLL_INTERVAL",
-           "DEFAULT_START_TIMEOUT", "JobRun", "launch"]
+__all__ = ["DEFAULT_DELETE_WAIT", "DEFAULT_LOG_TAIL", "DEFAULT_MAX_RESTARTS",
+           "DEFAULT_POLL_INTERVAL", "DEFAULT_START_TIMEOUT", "JobRun", "launch"]

@@ -40,7 +40,7 @@ class JobRun:
                  output: PrefixedOutput | None = None,
                  request_timeout: tuple[float, float] = (10.0, 60.0),
                  start_timeout: float | None = DEFAULT_START_TIMEOUT,
-                 delete_wait: float = DEFAULT_DELETE_WAIT):
+                 delete_wait: float = DEFAULT_DELETE_WAIT, max_restarts: int | None = None):
         self.backend = backend
         self.body = body
         self.name = body["metadata"]["name"]
@@ -55,6 +55,7 @@ class JobRun:
         self.request_timeout = request_timeout
         self.start_timeout = start_timeout or None  # 0: wait for ever
         self.delete_wait = delete_wait
+        self.max_restarts = max_restarts  # None: the job's own policy bounds its restarts
         self.created: dt.datetime | None = None  # the job's creation: older events are not its
         # Whether a SIGTERM or timeout must delete the job: "no" until a create request is sent
         # (then "maybe", as its outcome is unknown until the server answers) or until the job

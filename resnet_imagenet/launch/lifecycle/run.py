@@ -13,6 +13,7 @@ from resnet_imagenet.launch.lifecycle.job import (DEFAULT_DELETE_WAIT, DEFAULT_L
                                                   DEFAULT_POLL_INTERVAL, DEFAULT_START_TIMEOUT,
                                                   JobRun, Timeout)
 from resnet_imagenet.launch.lifecycle.logs import report_failure
+from resnet_imagenet.launch.lifecycle.restarts import DEFAULT_MAX_RESTARTS, TooManyRestarts
 from resnet_imagenet.launch.lifecycle.submit import launcher_pod_owner, submit
 from resnet_imagenet.launch.lifecycle.wait import LostTrack, NoStart, wait
 from resnet_imagenet.launch.options import ClusterOptions
@@ -29,13 +30,16 @@ def launch(backend: ClusterBackend, opts: ClusterOptions, *, api_client=None,
            timeout: float | None = None, poll_interval: float = DEFAULT_POLL_INTERVAL,
            log_tail: int = DEFAULT_LOG_TAIL, output: IO[str] | None = None,
            start_timeout: float | None = DEFAULT_START_TIMEOUT,
-           delete_wait: float = DEFAULT_DELETE_WAIT) -> int:
+           delete_wait: float = DEFAULT_DELETE_WAIT,
+           max_restarts: int = DEFAULT_MAX_RESTARTS) -> int:
     """Submit the job ``backend.manifest(opts)`` (or re-attach to it), follow it to its end; the
     exit status.
 
     0 when it succeeds; 1 when it fails (its failed replicas' last log lines are logged) or when
     no replica has run for ``start_timeout`` seconds (None or 0: no limit; the reasons are logged
-    as they change while it waits, and the job is deleted); 124 when ``timeout`` seconds pass
+    as they change while it waits, and the job is deleted) or when its replicas were restarted
+    more than ``max_restarts`` times (a TFJob: training-operator recreates failed pods without
+    limit, ``lifecycle.restarts``; deleted too); 124 when ``timeout`` seconds pass
     and 128+N on signal N (SIGTERM: 143), both after deleting the job. "Deleted" is logged once
     the job is gone; when it is still there ``delete_wait`` seconds after the delete, that is
     logged instead and the status stays the same. Bad input raises UserError before any request
@@ -56,7 +60,7 @@ def launch(backend: ClusterBackend, opts: ClusterOptions, *, api_client=None,
         body["metadata"]["ownerReferences"] = [owner]
     run = JobRun(api_client, backend, body, poll_interval=poll_interval, log_tail=log_tail,
                  output=PrefixedOutput(output), start_timeout=start_timeout,
-                 delete_wait=delete_wait)
+                 delete_wait=delete_wait, max_restarts=max_restarts)
     deadline = None if timeout is None else time.monotonic() + timeout
     with terminate_on_signals():
         try:
@@ -72,6 +76,10 @@ def launch(backend: ClusterBackend, opts: ClusterOptions, *, api_client=None,
             gone = run.delete()
             log.error("%s did not start within --start-timeout %gs%s: %s", run.what,
                       start_timeout, ", deleted" if gone else "", exc)
+            return FAILED
+        except TooManyRestarts as exc:
+            run.delete()
+            log.error("%s", exc)  # the last line: which pod, its exit code and why
             return FAILED
         except LostTrack as exc:
             log.error("%s", exc)

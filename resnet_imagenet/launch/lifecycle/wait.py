@@ -14,6 +14,7 @@ from resnet_imagenet.launch.lifecycle.client import (log, one_line, server_messa
                                                      transient)
 from resnet_imagenet.launch.lifecycle.job import JobRun
 from resnet_imagenet.launch.lifecycle.logs import ChiefLogs
+from resnet_imagenet.launch.lifecycle.restarts import Restarts
 
 # Consecutive failed polls (API server unreachable or 5xx) before the launcher gives up.
 MAX_POLL_FAILURES = 20
@@ -43,6 +44,7 @@ def wait(run: JobRun, deadline: float | None = None) -> dict:
     logs = ChiefLogs(run.core, run.backend, run.namespace, run.name, run.output,
                      run.poll_interval, run.request_timeout).start()
     diagnosis = Diagnosis(run)
+    restarts = Restarts(run, run.max_restarts)
     seen: set = set()
     replicas = None
     failures = 0
@@ -74,6 +76,7 @@ def wait(run: JobRun, deadline: float | None = None) -> dict:
                 return job
             if diagnosis.running():
                 last_running = time.monotonic()
+            restarts.check(diagnosis.pods)
             if run.start_timeout is not None and \
                     time.monotonic() - last_running > run.start_timeout:
                 raise NoStart(diagnosis.last_reason or (
@@ -119,6 +122,7 @@ class Diagnosis:
         self._said: dict[tuple, str] = {}
         self.last_reason = ""
         self._events_readable = True
+        self.pods: list = []  # as the last look found them
 
     def running(self) -> bool:
         """Whether a replica runs (or ran); meanwhile, say what stops the others."""
@@ -131,6 +135,7 @@ class Diagnosis:
         except (UserError, ApiException, urllib3.exceptions.HTTPError) as exc:
             log.debug("listing the pods of %s: %s", run.what, server_message(exc))
             return False
+        self.pods = pods
         running = False
         for pod in sorted(pods, key=lambda p: p.metadata.name):
             phase = pod.status.phase if pod.status else None
