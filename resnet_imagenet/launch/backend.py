@@ -79,7 +79,7 @@ class ClusterBackend(abc.ABC):
     # The reason of the Warning event the controller records on the job at each replica
     # restart, when the launcher must count them (lifecycle.restarts); None: the job's own
     # policy bounds its restarts.
-    restart_reason: str | None = None
+    restart_reason = None  # str | None; optional, unlike the annotated attributes above
 
     # -- the job's status --
 
