@@ -22,8 +22,10 @@ Everything after '--' goes to `resnet-imagenet train` unchanged; it must name --
 The tfjob and trainjob backends wait for the job to finish and stream worker 0's log. Exit
 status: 0 when training succeeded; 1 when it failed (the failed replica's last log lines are
 printed) or when no replica ran within --start-timeout (the reasons are printed while it
-waits); 124 after --timeout and 143 on SIGTERM, all after the job is deleted (the local backend
-stops its processes instead); 2 on bad input, before anything is created. With the same --run-id
+waits), or when the API server stayed unreachable for --api-outage-timeout (then the job is
+not deleted: the last line says how to check it); 124 after --timeout and 143 on SIGTERM, all
+after the job is deleted (the local backend stops its processes instead); 2 on bad input, before
+anything is created. With the same --run-id
 (by default $KFP_RUN_ID) a restarted launcher re-attaches to its job instead of starting another.
 """
 
@@ -124,6 +126,12 @@ def _add_cluster_arguments(job) -> None:
                      "than N times (training-operator recreates a failed pod without limit "
                      "under --restart-policy ExitCode; a TrainJob's runtime bounds its own "
                      "restarts) (default %(default)s)")
+    job.add_argument("--api-outage-timeout", type=float,
+                     default=lifecycle.DEFAULT_API_OUTAGE_TIMEOUT, metavar="SECONDS",
+                     help="how long the API server may be unreachable (or answer 429/5xx) "
+                     "while the launcher creates or follows the job; it retries meanwhile, "
+                     "saying so once a minute, then fails without deleting the job it cannot "
+                     "see; 0: for ever (default %(default)g)")
     job.add_argument("--poll-interval", type=float, default=lifecycle.DEFAULT_POLL_INTERVAL,
                      metavar="SECONDS", help="how often to check the job (default %(default)s)")
     job.add_argument("--log-tail", type=int, default=lifecycle.DEFAULT_LOG_TAIL,
@@ -217,6 +225,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max-restarts {args.max_restarts}: with --backend trainjob the "
                         "TrainingRuntime's failurePolicy.maxRestarts decides; leave the flag "
                         "out, or edit the runtime in manifests/components/trainer-v2")
+    if args.api_outage_timeout < 0:
+        raise UserError(f"--api-outage-timeout {args.api_outage_timeout:g}: must be 0 (retry for "
+                        "ever) or more seconds")
     backend = CLUSTER_BACKENDS[args.backend]
     opts = cluster_options(args)
     if args.dry_run:
@@ -225,5 +236,5 @@ def run(args: argparse.Namespace) -> int:
     return lifecycle.launch(
         backend, opts, kubeconfig=args.kubeconfig, context=args.context, timeout=args.timeout,
         poll_interval=args.poll_interval, log_tail=args.log_tail,
-        start_timeout=args.start_timeout,
+        start_timeout=args.start_timeout, api_outage_timeout=args.api_outage_timeout,
         max_restarts=args.max_restarts if args.backend == "tfjob" else None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -60,14 +61,85 @@ def start_job(kube, name: str, workers: int = 2) -> list[str]:
     return pods
 
 
+def launcher_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("resnet_imagenet")]
+
+
 def test_polling_rides_out_a_short_api_server_outage(kube, caplog):
+    """Three polls answered 503: one warning when it starts, one line when it is over."""
+    caplog.set_level(logging.INFO)
     with launching(kube, options()) as (result, _):
         kube.wait_for_tfjob(NS)
         start_job(kube, "resnet-test")
         kube.outage("GET", "tfjobs", requests=3)
-        wait_until(lambda: caplog.text.count("polling TFJob team-a/resnet-test failed") == 3)
+        wait_until(lambda: "reached the API server again after" in caplog.text)
         kube.set_condition(NS, "resnet-test", "Succeeded")
         assert result.result(timeout=10) == 0
+    lines = launcher_lines(caplog)
+    warned = [line for line in lines if "cannot reach the API server" in line]
+    assert warned == [
+        "cannot reach the API server to poll TFJob team-a/resnet-test (503: the server is "
+        "currently unable to handle the request); retrying every 0.05s, giving up at 30 min "
+        "(--api-outage-timeout)"], lines
+    assert sum("reached the API server again after" in line for line in lines) == 1
+    assert kube.requests_to("DELETE") == []
+
+
+def test_a_403_mid_run_is_one_line_naming_the_job_the_namespace_and_the_role(kube, caplog):
+    """The Role loses 'get' on TFJobs while the job runs: no retries, no traceback; the last
+    line names the job, its namespace and the manifest that grants the right (exit 1, after
+    deleting the job, which the launcher may still do)."""
+    caplog.set_level(logging.INFO)
+    with launching(kube, options()) as (result, _):
+        kube.wait_for_tfjob(NS)
+        start_job(kube, "resnet-test")
+        wait_until(lambda: "replicas:" in caplog.text)
+        kube.deny("get", "tfjobs")
+        assert result.result(timeout=10) == 1
+    last = launcher_lines(caplog)[-1]
+    assert "\n" not in last
+    assert last.startswith("cannot follow TFJob team-a/resnet-test any more: permission denied: "
+                           "the launcher's identity may not get tfjobs"), last
+    assert "in namespace 'team-a'" in last and tfjob.RBAC_MANIFEST in last, last
+    assert not any(r.exc_info for r in caplog.records)
+    assert len(kube.requests_to("DELETE")) == 1
+    assert not any("cannot reach the API server" in line for line in launcher_lines(caplog))
+
+
+def test_a_create_answered_503_is_looked_up_then_tried_again(kube, caplog):
+    """A 503 may follow a write that persisted: the launcher looks the job up (not there) and
+    creates it again; one job in the end."""
+    caplog.set_level(logging.INFO)
+    kube.outage("POST", "tfjobs", requests=2)
+    with launching(kube, options()) as (result, _):
+        kube.wait_for_tfjob(NS)
+        start_job(kube, "resnet-test")
+        kube.set_condition(NS, "resnet-test", "Succeeded")
+        assert result.result(timeout=10) == 0
+    assert len(kube.requests_to("POST")) == 3
+    gets = [r for r in kube.requests_to("GET") if r.path.endswith("/tfjobs/resnet-test")]
+    assert len(gets) >= 2  # one look-up after each failed create
+    lines = launcher_lines(caplog)
+    assert sum("cannot reach the API server to create TFJob team-a/resnet-test" in line
+               for line in lines) == 1, lines
+    assert any(line.startswith("created TFJob team-a/resnet-test") for line in lines)
+
+
+def test_a_create_given_up_after_the_outage_bound_deletes_what_it_may_have_made(kube, caplog):
+    """Every create answered 503 for longer than --api-outage-timeout: exit 1; a 503 may have
+    persisted the job, so the launcher deletes it (here: nothing there) and says so."""
+    caplog.set_level(logging.INFO)
+    kube.outage("POST", "tfjobs", requests=10_000)
+    with launching(kube, options(), api_outage_timeout=0.5) as (result, _):
+        assert result.result(timeout=10) == 1
+    lines = launcher_lines(caplog)
+    assert lines[-2].startswith("could not create TFJob team-a/resnet-test: the API server could "
+                                "not be reached for "), lines
+    assert "(--api-outage-timeout 0.5s; last: 503: the server is currently unable" in lines[-2]
+    assert lines[-1] == ("a try may have created TFJob team-a/resnet-test: checked, nothing of "
+                         "it is left")
+    assert len(kube.requests_to("DELETE")) == 1
+    assert kube.tfjob(NS, "resnet-test") is None
 
 
 def test_chief_log_lines_print_once_across_cut_streams_and_a_recreated_pod(kube):

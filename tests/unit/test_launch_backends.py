@@ -100,3 +100,17 @@ def test_the_cli_groups_its_flags_by_backend():
     (trainjob_group,) = [g for g in parser._action_groups if g.title == "trainjob backend"]
     assert trainjob.RUNTIME in trainjob_group.description  # no flags of its own: what it uses
     assert "trainjob backend:" in parser.format_help()
+
+
+@pytest.mark.parametrize("backend", ["tfjob", "trainjob"])
+def test_a_negative_api_outage_timeout_is_refused_in_one_line(backend, capsys):
+    """Before any configuration is read or request sent: exit 2, one line naming the flag."""
+    from resnet_imagenet import cli as main_cli
+
+    status = main_cli.main(["launch", "--backend", backend, "--kubeconfig", "/nonexistent",
+                            "--api-outage-timeout", "-1", "--",
+                            "--data-dir", "gs://b/d", "--model-dir", "gs://b/m"])
+    assert status == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --api-outage-timeout -1: must be 0 (retry for ever) or more seconds"]
+

@@ -11,11 +11,12 @@ diagnose), ``restarts`` (a crash loop stopped), ``logs`` (the chief's log, the f
 replicas'), ``run`` (:func:`launch`).
 """
 
-from resnet_imagenet.launch.lifecycle.job import (DEFAULT_DELETE_WAIT, DEFAULT_LOG_TAIL,
-                                                  DEFAULT_POLL_INTERVAL, DEFAULT_START_TIMEOUT,
-                                                  JobRun)
+from resnet_imagenet.launch.lifecycle.job import (DEFAULT_API_OUTAGE_TIMEOUT, DEFAULT_DELETE_WAIT,
+                                                  DEFAULT_LOG_TAIL, DEFAULT_POLL_INTERVAL,
+                                                  DEFAULT_START_TIMEOUT, JobRun)
 from resnet_imagenet.launch.lifecycle.restarts import DEFAULT_MAX_RESTARTS
 from resnet_imagenet.launch.lifecycle.run import launch
 
-__all__ = ["DEFAULT_DELETE_WAIT", "DEFAULT_LOG_TAIL", "DEFAULT_MAX_RESTARTS",
-           "DEFAULT_POLL_INTERVAL", "DEFAULT_START_TIMEOUT", "JobRun", "launch"]
+__all__ = ["DEFAULT_API_OUTAGE_TIMEOUT", "DEFAULT_DELETE_WAIT", "DEFAULT_LOG_TAIL",
+           "DEFAULT_MAX_RESTARTS", "DEFAULT_POLL_INTERVAL", "DEFAULT_START_TIMEOUT", "JobRun",
+           "launch"]

@@ -34,9 +34,10 @@ class ApiUnreachable(UserError):
     an effect; after a cut or a read timeout it may have.
     """
 
-    def __init__(self, message: str, request_sent: bool):
+    def __init__(self, message: str, request_sent: bool, reason: str = ""):
         super().__init__(message)
         self.request_sent = request_sent
+        self.reason = reason or message  # the short cause ("[Errno 111] Connection refused")
 
 
 def connect(kubeconfig: str | None = None, context: str | None = None):
@@ -144,6 +145,7 @@ def api_errors(verb: str, resource: str, namespace: str, host: str,
             f"cannot reach the Kubernetes API server at {host}: {_connection_reason(reason)}; "
             "check KUBECONFIG/--kubeconfig (or the pod's network) and that the cluster is up",
             request_sent=not isinstance(reason, urllib3.exceptions.ConnectTimeoutError),
+            reason=_connection_reason(reason),
         ) from None
 
 
@@ -151,3 +153,29 @@ def transient(exc: BaseException) -> bool:
     """Worth another poll: the server is unreachable for now, overloaded, or restarting."""
     status = getattr(exc, "status", None) or 0
     return isinstance(exc, ApiUnreachable) or status == 429 or status >= 500
+
+
+def may_have_acted(exc: BaseException) -> bool:
+    """Whether a request that failed with the transient ``exc`` may still have taken effect: it
+    was sent and no answer came back (a cut connection, a read timeout), or the server failed
+    while handling it (5xx: a 500 or 504 after etcd's timeout may follow a write that
+    persisted). A 429 is refused before the request is handled."""
+    if isinstance(exc, ApiUnreachable):
+        return exc.request_sent
+    return (getattr(exc, "status", None) or 0) >= 500
+
+
+def short_reason(exc: BaseException) -> str:
+    """What went wrong, in a few words: the connection's error, or the status and message."""
+    if isinstance(exc, ApiUnreachable):
+        return exc.reason
+    message = one_line(server_message(exc))
+    status = getattr(exc, "status", None)
+    return message if not status or message.startswith(str(status)) else f"{status}: {message}"
+
+
+def duration(seconds: float) -> str:
+    """``45 s``, ``3 min``, ``1.5 min``: how the outage lines count time."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{round(seconds / 60, 1):g} min"

@@ -11,7 +11,8 @@ from kubernetes.client.exceptions import ApiException
 
 from resnet_imagenet.errors import UserError
 from resnet_imagenet.launch.backend import ClusterBackend
-from resnet_imagenet.launch.lifecycle.client import api_errors, log, server_message
+from resnet_imagenet.launch.lifecycle.client import (api_errors, duration, log, server_message,
+                                                     short_reason)
 from resnet_imagenet.launch.runtime import PrefixedOutput
 
 DEFAULT_POLL_INTERVAL = 15.0
@@ -21,6 +22,10 @@ DEFAULT_LOG_TAIL = 50
 DEFAULT_START_TIMEOUT = 1800.0
 # How long "deleting" waits for the job and its pods to be gone.
 DEFAULT_DELETE_WAIT = 120.0
+# How long the API server may be unreachable (or answer 429/5xx) before the launcher gives up
+# following (or creating) the job: --api-outage-timeout; 0 = for ever. A managed control plane's
+# upgrade takes minutes; a healthy multi-day run must outlive it.
+DEFAULT_API_OUTAGE_TIMEOUT = 1800.0
 
 
 class Timeout(Exception):
@@ -40,7 +45,9 @@ class JobRun:
                  output: PrefixedOutput | None = None,
                  request_timeout: tuple[float, float] = (10.0, 60.0),
                  start_timeout: float | None = DEFAULT_START_TIMEOUT,
-                 delete_wait: float = DEFAULT_DELETE_WAIT, max_restarts: int | None = None):
+                 delete_wait: float = DEFAULT_DELETE_WAIT,
+                 api_outage_timeout: float | None = DEFAULT_API_OUTAGE_TIMEOUT,
+                 max_restarts: int | None = None):
         self.backend = backend
         self.body = body
         self.name = body["metadata"]["name"]
@@ -56,6 +63,7 @@ class JobRun:
         self.start_timeout = start_timeout or None  # 0: wait for ever
         self.delete_wait = delete_wait
         self.max_restarts = max_restarts  # None: the job's own policy bounds its restarts
+        self.api_outage_timeout = api_outage_timeout or None  # 0: for ever
         self.created: dt.datetime | None = None  # the job's creation: older events are not its
         # Whether a SIGTERM or timeout must delete the job: "no" until a create request is sent
         # (then "maybe", as its outcome is unknown until the server answers) or until the job
@@ -140,3 +148,50 @@ class JobRun:
                               self.backend.pod_selector(self.name))
                 return False
             time.sleep(min(self.poll_interval, 1.0, max(give_up - time.monotonic(), 0.01)))
+
+
+class Outage:
+    """Consecutive API calls of a run that failed with a transient error (client.transient):
+    a warning when they start, one line a minute while they last, one line when a call succeeds
+    again; :meth:`failed` says when the run's --api-outage-timeout has passed."""
+
+    REPORT_EVERY_S = 60.0
+
+    def __init__(self, run: JobRun, doing: str):
+        self._run = run
+        self._doing = doing  # "to poll TFJob team-a/resnet-..."
+        self.began: float | None = None
+        self._reports = 0
+        self.last = ""  # the last failure, in a few words
+
+    def bound(self) -> str:
+        limit = self._run.api_outage_timeout
+        return "retrying for ever" if limit is None else f"giving up at {duration(limit)}"
+
+    def failed(self, exc: BaseException) -> bool:
+        """Count a failed call; False once the outage has lasted the run's limit."""
+        now = time.monotonic()
+        self.last = short_reason(exc)
+        if self.began is None:
+            self.began = now
+            log.warning("cannot reach the API server %s (%s); retrying every %gs, %s "
+                        "(--api-outage-timeout)", self._doing, self.last,
+                        self._run.poll_interval, self.bound())
+        elapsed = now - self.began
+        limit = self._run.api_outage_timeout
+        if limit is not None and elapsed >= limit:
+            return False
+        if elapsed >= (self._reports + 1) * self.REPORT_EVERY_S:
+            self._reports = int(elapsed // self.REPORT_EVERY_S)
+            log.warning("still cannot reach the API server after %s (%s); %s",
+                        duration(self._reports * self.REPORT_EVERY_S), self.last, self.bound())
+        return True
+
+    def over(self) -> None:
+        """A call succeeded: say so once if an outage was going on."""
+        if self.began is not None:
+            log.info("reached the API server again after %.0f s", time.monotonic() - self.began)
+            self.began, self._reports = None, 0
+
+    def lasted(self) -> str:
+        return duration(0 if self.began is None else time.monotonic() - self.began)

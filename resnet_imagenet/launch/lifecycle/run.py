@@ -9,13 +9,13 @@ from typing import IO
 
 from resnet_imagenet.launch.backend import ClusterBackend
 from resnet_imagenet.launch.lifecycle.client import connect, log
-from resnet_imagenet.launch.lifecycle.job import (DEFAULT_DELETE_WAIT, DEFAULT_LOG_TAIL,
-                                                  DEFAULT_POLL_INTERVAL, DEFAULT_START_TIMEOUT,
-                                                  JobRun, Timeout)
+from resnet_imagenet.launch.lifecycle.job import (DEFAULT_API_OUTAGE_TIMEOUT, DEFAULT_DELETE_WAIT,
+                                                  DEFAULT_LOG_TAIL, DEFAULT_POLL_INTERVAL,
+                                                  DEFAULT_START_TIMEOUT, JobRun, Timeout)
 from resnet_imagenet.launch.lifecycle.logs import report_failure
 from resnet_imagenet.launch.lifecycle.restarts import DEFAULT_MAX_RESTARTS, TooManyRestarts
-from resnet_imagenet.launch.lifecycle.submit import launcher_pod_owner, submit
-from resnet_imagenet.launch.lifecycle.wait import LostTrack, NoStart, wait
+from resnet_imagenet.launch.lifecycle.submit import CreateFailed, launcher_pod_owner, submit
+from resnet_imagenet.launch.lifecycle.wait import LostTrack, NoStart, OutOfSight, wait
 from resnet_imagenet.launch.options import ClusterOptions
 from resnet_imagenet.launch.runtime import (FAILED, TIMED_OUT, PrefixedOutput, Terminated,
                                             check_counts, terminate_on_signals)
@@ -31,6 +31,7 @@ def launch(backend: ClusterBackend, opts: ClusterOptions, *, api_client=None,
            log_tail: int = DEFAULT_LOG_TAIL, output: IO[str] | None = None,
            start_timeout: float | None = DEFAULT_START_TIMEOUT,
            delete_wait: float = DEFAULT_DELETE_WAIT,
+           api_outage_timeout: float | None = DEFAULT_API_OUTAGE_TIMEOUT,
            max_restarts: int = DEFAULT_MAX_RESTARTS) -> int:
     """Submit the job ``backend.manifest(opts)`` (or re-attach to it), follow it to its end; the
     exit status.
@@ -43,7 +44,17 @@ def launch(backend: ClusterBackend, opts: ClusterOptions, *, api_client=None,
     and 128+N on signal N (SIGTERM: 143), both after deleting the job. "Deleted" is logged once
     the job is gone; when it is still there ``delete_wait`` seconds after the delete, that is
     logged instead and the status stays the same. Bad input raises UserError before any request
-    reaches the API server. ``api_client`` (a ``kubernetes.client.ApiClient``) overrides
+    reaches the API server.
+
+    While the API server cannot be reached (or answers 429/5xx) the launch retries, saying so
+    once a minute, for ``api_outage_timeout`` seconds (None or 0: for ever); then it fails (1)
+    without deleting the job it cannot see (the last line says how to check it). A create whose
+    answer was lost is looked up before it is tried again, and the job it made adopted; when the
+    create is given up, a job it may have made is deleted (or the last line says it could not
+    be checked). A 403 mid-run is one line naming the job, its namespace and the Role to apply
+    (1, after trying to delete the job).
+
+    ``api_client`` (a ``kubernetes.client.ApiClient``) overrides
     kubeconfig/in-cluster configuration; ``opts`` are the backend's options (``namespace`` None:
     the configuration's). The chief's log goes to ``output`` (default stderr) as
     ``[worker-0] ...``.
@@ -60,7 +71,8 @@ def launch(backend: ClusterBackend, opts: ClusterOptions, *, api_client=None,
         body["metadata"]["ownerReferences"] = [owner]
     run = JobRun(api_client, backend, body, poll_interval=poll_interval, log_tail=log_tail,
                  output=PrefixedOutput(output), start_timeout=start_timeout,
-                 delete_wait=delete_wait, max_restarts=max_restarts)
+                 delete_wait=delete_wait, api_outage_timeout=api_outage_timeout,
+                 max_restarts=max_restarts)
     deadline = None if timeout is None else time.monotonic() + timeout
     with terminate_on_signals():
         try:
@@ -81,9 +93,26 @@ def launch(backend: ClusterBackend, opts: ClusterOptions, *, api_client=None,
             run.delete()
             log.error("%s", exc)  # the last line: which pod, its exit code and why
             return FAILED
-        except LostTrack as exc:
+        except OutOfSight as exc:  # not deleted: the launcher cannot see what it would delete
             log.error("%s", exc)
-            run.delete()
+            return FAILED
+        except CreateFailed as exc:
+            log.error("%s", exc)
+            if run.ours == "no":
+                log.error("%s was not created (no try can have made it)", run.what)
+            elif run.delete():
+                log.error("a try may have created %s: checked, nothing of it is left", run.what)
+            else:
+                log.error("a try may have created %s, and the launcher could not check: see "
+                          "kubectl -n %s get %s %s, delete it with kubectl -n %s delete %s %s",
+                          run.what, run.namespace, run.backend.short, run.name, run.namespace,
+                          run.backend.short, run.name)
+            return FAILED
+        except LostTrack as exc:
+            gone = run.delete()
+            log.error("%s%s", exc, "" if gone else (
+                f"; {run.what} may still be running: delete it with kubectl -n {run.namespace} "
+                f"delete {run.backend.short} {run.name}"))
             return FAILED
         except Terminated as signal:
             log.error("%s received; deleting %s", signal, run.what)

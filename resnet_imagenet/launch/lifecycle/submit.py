@@ -9,10 +9,10 @@ from kubernetes.client.exceptions import ApiException
 
 from resnet_imagenet.errors import UserError
 from resnet_imagenet.launch.lifecycle.client import (SERVICE_ACCOUNT_NAMESPACE_FILE,
-                                                     ApiUnreachable, log, server_message,
-                                                     webhook_denial)
-from resnet_imagenet.launch.lifecycle.job import JobRun
-from resnet_imagenet.launch.options import SPEC_HASH_ANNOTATION
+                                                     ApiUnreachable, log, may_have_acted,
+                                                     server_message, transient, webhook_denial)
+from resnet_imagenet.launch.lifecycle.job import JobRun, Outage
+from resnet_imagenet.launch.options import RUN_ID_ANNOTATION, SPEC_HASH_ANNOTATION
 
 
 def launcher_pod_owner(namespace: str) -> dict | None:
@@ -37,43 +37,84 @@ def launcher_pod_owner(namespace: str) -> dict | None:
     return {"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid}
 
 
+class CreateFailed(Exception):
+    """The create failed with transient errors (unreachable, 429, 5xx) for --api-outage-timeout.
+    ``run.ours`` says whether one of the tries may have created the job all the same."""
+
+
 def submit(run: JobRun, deadline: float | None = None) -> dict:
     """Create the run's job and return it; if the run's job exists already, re-attach to it
     (UserError if it has another spec); if it is being deleted, wait (up to ``deadline``) and
-    create it anew. A refused create is a one-line UserError."""
+    create it anew. A refused create is a one-line UserError.
+
+    A create that fails with a transient error is tried again (every poll interval, up to the
+    run's API outage timeout, then :class:`CreateFailed`); after one that may have reached the
+    server (no answer, or a 5xx) the job is first looked up by name, and adopted when it carries
+    this run's spec hash (and run id): the lost answer's job is not created twice, nor left
+    running unowned. A server that could not be connected to at all before it ever answered is
+    the one-line error of :class:`~resnet_imagenet.launch.lifecycle.client.ApiUnreachable`
+    (a wrong kubeconfig is likelier than an outage).
+    """
     waiting_for_deletion = False
+    outage = Outage(run, f"to create {run.what}")
+    lost = False  # a try may have created the job although no success came back
+    answered = False  # whether the API server has answered this launch at all
     while True:
-        run.ours = "maybe"
         try:
-            with run.api("create"):
-                try:
-                    created = run.backend.create(run.custom, run.namespace, run.body,
-                                                 _request_timeout=run.request_timeout)
-                except ApiException as exc:
-                    run.ours = "no"  # the server answered: nothing was created
-                    if exc.status in (400, 404, 422) or webhook_denial(exc):
-                        raise _refused(run, exc) from None
-                    if exc.status != 409:
-                        raise
-                    created = None
-        except ApiUnreachable as exc:
-            run.ours = "maybe" if exc.request_sent else "no"
-            raise
+            existing = run.get() if lost else None
+            created = None
+            if existing is None:
+                created = _create(run, lost)
+                if created is None:  # 409 AlreadyExists
+                    existing = run.get()
+        except Exception as exc:  # sorted by transient(): try again or give up
+            answered = answered or isinstance(exc, ApiException)
+            if not transient(exc):
+                raise
+            if isinstance(exc, ApiUnreachable) and not (answered or exc.request_sent):
+                raise  # never connected: a wrong kubeconfig is likelier than an outage
+            lost = lost or may_have_acted(exc)
+            run.ours = "maybe" if lost else "no"
+            if not outage.failed(exc):
+                raise CreateFailed(
+                    f"could not create {run.what}: the API server could not be reached for "
+                    f"{outage.lasted()} (--api-outage-timeout {run.api_outage_timeout:g}s; "
+                    f"last: {outage.last})") from None
+            run.pause(deadline)
+            continue
+        outage.over()
         if created is not None:
             run.ours = "yes"
             log.info("created %s; follow it with: kubectl -n %s get %s %s", run.what,
                      run.namespace, run.backend.short, run.name)
             return created
-        existing = run.get()
         if existing is None:
-            continue  # deleted in between: create it again
+            continue  # not there (deleted in between, or the lost create did not persist)
         if existing["metadata"].get("deletionTimestamp"):
             if not waiting_for_deletion:
                 log.info("%s is being deleted; waiting to create it anew", run.what)
                 waiting_for_deletion = True
             run.pause(deadline)
             continue
-        return _attach(run, existing)
+        return _attach(run, existing, lost)
+
+
+def _create(run: JobRun, lost: bool) -> dict | None:
+    """One create request: the job created, or None when it exists already (409). ``lost``:
+    an earlier try may have created it, so it stays "maybe ours" whatever this one gets."""
+    run.ours = "maybe"
+    with run.api("create"):
+        try:
+            return run.backend.create(run.custom, run.namespace, run.body,
+                                      _request_timeout=run.request_timeout)
+        except ApiException as exc:
+            if not lost and not transient(exc):
+                run.ours = "no"  # the server answered: nothing was created
+            if exc.status in (400, 404, 422) or webhook_denial(exc):
+                raise _refused(run, exc) from None
+            if exc.status != 409:
+                raise
+            return None
 
 
 def _refused(run: JobRun, exc: ApiException) -> UserError:
@@ -95,22 +136,37 @@ def _refused(run: JobRun, exc: ApiException) -> UserError:
     return UserError(f"the API server refused {run.what}: {' '.join(message.split())}{hint}")
 
 
-def _attach(run: JobRun, existing: dict) -> dict:
-    """Adopt ``existing``, the job of this run, when its spec hash is ours; add our owner."""
-    ours = run.body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
-    theirs = (existing["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
+def _attach(run: JobRun, existing: dict, lost: bool = False) -> dict:
+    """Adopt ``existing``, the job of this run, when its spec hash (and run id, where both have
+    one) are ours; add our owner. ``lost``: a create of ours whose answer was lost may have made
+    it."""
+    mine = run.body["metadata"]["annotations"]
+    annotations = existing["metadata"].get("annotations") or {}
+    ours, theirs = mine[SPEC_HASH_ANNOTATION], annotations.get(SPEC_HASH_ANNOTATION)
+    run_id, their_run = mine.get(RUN_ID_ANNOTATION), annotations.get(RUN_ID_ANNOTATION)
+    if theirs == ours and run_id and their_run and their_run != run_id:
+        run.ours = "no"
+        raise UserError(
+            f"a {run.what} already exists from another run (run id {their_run} there, "
+            f"{run_id} here): delete it (kubectl -n {run.namespace} delete "
+            f"{run.backend.short} {run.name}) or launch under another --name")
     if theirs != ours:
+        run.ours = "no"  # someone else's: a create of ours cannot have made it
         raise UserError(
             f"a {run.what} already exists with a different spec (spec hash {theirs} "
             f"here, {ours} wanted): delete it (kubectl -n {run.namespace} delete "
             f"{run.backend.short} {run.name}) or launch under another --name/--run-id"
         )
     run.ours = "yes"
-    log.info("re-attached to the existing %s of this run (created %s)", run.what,
-             existing["metadata"].get("creationTimestamp", "earlier"))
+    if lost:
+        log.info("adopted %s: the create whose answer was lost had made it (created %s)",
+                 run.what, existing["metadata"].get("creationTimestamp", "earlier"))
+    else:
+        log.info("re-attached to the existing %s of this run (created %s)", run.what,
+                 existing["metadata"].get("creationTimestamp", "earlier"))
     owners = existing["metadata"].get("ownerReferences") or []
-    mine = run.body["metadata"].get("ownerReferences") or []
-    missing = [ref for ref in mine if ref["uid"] not in {o.get("uid") for o in owners}]
+    refs = run.body["metadata"].get("ownerReferences") or []
+    missing = [ref for ref in refs if ref["uid"] not in {o.get("uid") for o in owners}]
     if missing:
         # Adding, not replacing: the garbage collector deletes the job only once every
         # owner is gone, so the earlier launcher pod's reference does no harm.

@@ -12,12 +12,10 @@ from kubernetes.client.exceptions import ApiException
 from resnet_imagenet.errors import UserError
 from resnet_imagenet.launch.lifecycle.client import (log, one_line, server_message, timestamp,
                                                      transient)
-from resnet_imagenet.launch.lifecycle.job import JobRun
+from resnet_imagenet.launch.lifecycle.job import JobRun, Outage
 from resnet_imagenet.launch.lifecycle.logs import ChiefLogs
 from resnet_imagenet.launch.lifecycle.restarts import Restarts
 
-# Consecutive failed polls (API server unreachable or 5xx) before the launcher gives up.
-MAX_POLL_FAILURES = 20
 # Container waiting reasons that mean it will not start by itself.
 STUCK_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
                  "CreateContainerConfigError", "CreateContainerError", "RunContainerError")
@@ -29,8 +27,13 @@ class NoStart(Exception):
 
 
 class LostTrack(Exception):
-    """The job can no longer be followed: it is gone, or the API server has been away too
-    long."""
+    """The job can no longer be followed: it is gone, or the API server refuses to show it (a
+    403 mid-run: the Role changed). The launch deletes it (if it is still there)."""
+
+
+class OutOfSight(Exception):
+    """The API server has been unreachable (or answered 429/5xx) for --api-outage-timeout: the
+    launch fails without deleting the job it cannot see; the message says so, and how to check."""
 
 
 def wait(run: JobRun, deadline: float | None = None) -> dict:
@@ -39,7 +42,8 @@ def wait(run: JobRun, deadline: float | None = None) -> dict:
 
     Raises :class:`~resnet_imagenet.launch.lifecycle.job.Timeout` at ``deadline`` (monotonic),
     :class:`NoStart` when no replica has run for the run's start timeout, :class:`LostTrack` when
-    it cannot follow the job.
+    the job is gone or may not be read, :class:`OutOfSight` when polls have failed with transient
+    errors for the run's API outage timeout (reported once a minute meanwhile).
     """
     logs = ChiefLogs(run.core, run.backend, run.namespace, run.name, run.output,
                      run.poll_interval, run.request_timeout).start()
@@ -47,25 +51,23 @@ def wait(run: JobRun, deadline: float | None = None) -> dict:
     restarts = Restarts(run, run.max_restarts)
     seen: set = set()
     replicas = None
-    failures = 0
+    outage = Outage(run, f"to poll {run.what}")
     started_waiting = last_running = time.monotonic()
     ended = False
     try:
         while True:
             try:
                 job = run.get()
-                failures = 0
             except Exception as exc:  # sorted by transient(): retry or give up
+                if isinstance(exc, UserError) and not transient(exc):  # 403, 401
+                    raise LostTrack(f"cannot follow {run.what} any more: {exc}") from None
                 if not transient(exc):
                     raise
-                if failures >= MAX_POLL_FAILURES:
-                    raise LostTrack(f"lost track of {run.what}: {failures + 1} polls "
-                                    f"in a row failed, the last with "
-                                    f"{server_message(exc)}") from None
-                failures += 1
-                log.warning("polling %s failed (%s); retrying", run.what, server_message(exc))
+                if not outage.failed(exc):
+                    raise OutOfSight(_out_of_sight(run, outage)) from None
                 run.pause(deadline)
                 continue
+            outage.over()
             if job is None:
                 raise LostTrack(f"{run.what} was deleted before it finished (by "
                                 "someone else, or by its TTL)")
@@ -91,6 +93,16 @@ def wait(run: JobRun, deadline: float | None = None) -> dict:
             logs.finish()
         else:
             logs.stop()
+
+
+def _out_of_sight(run: JobRun, outage: Outage) -> str:
+    backend = run.backend
+    return (f"gave up following {run.what}: the API server could not be reached for "
+            f"{outage.lasted()} (--api-outage-timeout {run.api_outage_timeout:g}s; last: "
+            f"{outage.last}); the {backend.kind} was NOT deleted and may still be running in "
+            f"namespace {run.namespace}: check it with kubectl -n {run.namespace} get "
+            f"{backend.short} {run.name}, delete it with kubectl -n {run.namespace} delete "
+            f"{backend.short} {run.name}")
 
 
 def _log_progress(run: JobRun, job: dict, seen: set, replicas):
