@@ -463,6 +463,26 @@ class Component:
                              f"lines of {self.log}:\n{self.tail()}")
 
 
+def _hold_port(port: int):
+    """A socket bound to 127.0.0.1:``port`` that does not listen: connections are refused and
+    the port stays reserved (SO_REUSEADDR: the stopped server's connections in TIME_WAIT do not
+    stand in the way, and a server binding it once the socket is closed is not hindered)."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return sock
+        except OSError:
+            if time.monotonic() > deadline:
+                sock.close()
+                raise
+            time.sleep(0.05)
+
+
 def stop_pids(pids: list[int], grace: float = 10.0) -> None:
     """SIGTERM each process group, then SIGKILL what is left after ``grace`` seconds."""
     for pid in pids:
@@ -512,6 +532,8 @@ class ControlPlane:
         self.crds: set[str] = set()  # the CRDs installed, by name
         self.server = ""
         self._admin = None
+        # How to tell that each client of the API server is ready again (apiserver_stopped).
+        self.ready_checks: dict[str, object] = {}
 
     # -- start / stop --
 
@@ -625,6 +647,7 @@ class ControlPlane:
             "kwok": self._nodes_ready,
             "training-operator": lambda: _http_ok(f"http://127.0.0.1:{op_probe}/readyz"),
         }
+        self.ready_checks.update(checks)
         for component in started:
             self._wait(deadline, component, checks[component.name])
 
@@ -641,6 +664,64 @@ class ControlPlane:
         if self._admin is not None:
             self._admin.close()
             self._admin = None
+
+    # -- an API outage: the API server stopped and started again --
+
+    @contextlib.contextmanager
+    def apiserver_stopped(self, restart_clients: bool = True) -> Iterator[None]:
+        """Stop kube-apiserver (SIGTERM, as an upgrade does), keep it down for the ``with``
+        block, start it again with the same arguments and wait until it is ready (/readyz).
+        etcd keeps the state.
+
+        While it is down its port is held by a socket that is bound but not listening: a client
+        gets "connection refused", as from a server that is gone, and no other process (an
+        outgoing connection's ephemeral port, another test's server) can take the port the API
+        server must bind again.
+
+        The other components would reconnect by themselves, but client-go's reflectors back off
+        exponentially (0.8 s doubling to 30 s, with as much jitter again, reset only after 2 min
+        without failure): after a second outage within two minutes, kwok or an operator may sit
+        out a minute before it sees a change, and a later test times out. So with
+        ``restart_clients`` (the default) they are restarted too, as the control-plane
+        components of a managed cluster are in its upgrade, and each is waited for."""
+        apiserver = self.components["kube-apiserver"]
+        port = int(self.server.rsplit(":", 1)[1])
+        # It stops listening at once; the rest of its graceful shutdown (draining watches and
+        # log streams) is not waited for longer than an outage test can spare.
+        stop_pids([apiserver.proc.pid], grace=2.0)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            apiserver.proc.wait(timeout=5)
+        placeholder = _hold_port(port)
+        try:
+            yield
+        finally:
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            self._start_apiserver(apiserver, placeholder, deadline)
+            if restart_clients:
+                self._restart_clients(deadline)
+
+    def _start_apiserver(self, apiserver: "Component", placeholder, deadline: float) -> None:
+        for attempt in range(3):
+            placeholder.close()  # the port is free now, for the API server alone
+            apiserver.start(self.attached)
+            try:
+                self._wait(deadline, apiserver, self._api_ready)
+                return
+            except StartError:
+                if attempt == 2 or "address already in use" not in apiserver.tail().lower():
+                    raise
+                placeholder = _hold_port(int(self.server.rsplit(":", 1)[1]))
+
+    def _restart_clients(self, deadline: float) -> None:
+        clients = [c for name, c in self.components.items()
+                   if name in self.ready_checks and c.proc is not None]
+        stop_pids([c.proc.pid for c in clients], grace=5.0)
+        for component in clients:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                component.proc.wait(timeout=1)
+            component.start(self.attached)
+        for component in clients:
+            self._wait(deadline, component, self.ready_checks[component.name])
 
     def pids(self) -> dict[str, int]:
         return {name: c.proc.pid for name, c in self.components.items() if c.proc is not None}

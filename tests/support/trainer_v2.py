@@ -151,10 +151,12 @@ def start(plane, timeout: float = plane_lib.STARTUP_TIMEOUT_S) -> None:
         f"--kubeconfig={kubeconfig}", "--zap-log-level=info"],
         env={"KUBECONFIG": kubeconfig, "TMPDIR": str(trainer_tmp)})
     # Registered once the servers answer, as a Deployment's readiness would gate its Service.
-    plane._wait(deadline, jobset,
-                lambda: plane_lib._http_ok(f"http://127.0.0.1:{js_probe}/readyz"))
-    plane._wait(deadline, trainer,
-                lambda: plane_lib._http_ok(f"http://127.0.0.1:{tr_probe}/readyz"))
+    plane.ready_checks.update({
+        "jobset-controller": lambda: plane_lib._http_ok(f"http://127.0.0.1:{js_probe}/readyz"),
+        "trainer-controller-manager":
+            lambda: plane_lib._http_ok(f"http://127.0.0.1:{tr_probe}/readyz")})
+    plane._wait(deadline, jobset, plane.ready_checks["jobset-controller"])
+    plane._wait(deadline, trainer, plane.ready_checks["trainer-controller-manager"])
     _register(plane, _webhook_configurations(plane, jobset_src / JOBSET_WEBHOOKS, js_webhook,
                                              "jobset-"))
     _register(plane, _webhook_configurations(plane, trainer_src / TRAINER_WEBHOOKS, tr_webhook,
