@@ -242,3 +242,17 @@ def test_local_data_dir_without_a_shared_volume_is_refused(kube, tmp_path, capsy
                           "--model-dir", "gs://bucket/model")
     assert status == 2 and "--data-dir /data/imagenet is a local path" in err[0]
     assert kube.requests == []
+
+
+def test_the_start_clock_stands_still_while_the_api_server_is_away(kube, caplog):
+    """--start-timeout 1 s and the polls failing for longer, before any replica ran: the time
+    the launcher could not see the job does not count, so the job is not given up on at the
+    first poll that succeeds, and it runs once its pods start."""
+    caplog.set_level(logging.INFO)
+    kube.outage("GET", "tfjobs", requests=40)  # 40 polls 0.05 s apart: ~2 s
+    with launching(kube, options(), start_timeout=1.0) as (result, _):
+        wait_until(lambda: "reached the API server again after" in caplog.text)
+        start_job(kube, "resnet-test")
+        kube.set_condition(NS, "resnet-test", "Succeeded")
+        assert result.result(timeout=10) == 0
+    assert kube.requests_to("DELETE") == []

@@ -187,11 +187,15 @@ class Outage:
                         duration(self._reports * self.REPORT_EVERY_S), self.last, self.bound())
         return True
 
-    def over(self) -> None:
-        """A call succeeded: say so once if an outage was going on."""
-        if self.began is not None:
-            log.info("reached the API server again after %.0f s", time.monotonic() - self.began)
-            self.began, self._reports = None, 0
+    def over(self) -> float:
+        """A call succeeded: say so once if an outage was going on; how long it lasted (0 if
+        none)."""
+        if self.began is None:
+            return 0.0
+        lasted = time.monotonic() - self.began
+        log.info("reached the API server again after %.0f s", lasted)
+        self.began, self._reports = None, 0
+        return lasted
 
     def lasted(self) -> str:
         return duration(0 if self.began is None else time.monotonic() - self.began)

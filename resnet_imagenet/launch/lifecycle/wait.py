@@ -67,7 +67,9 @@ def wait(run: JobRun, deadline: float | None = None) -> dict:
                     raise OutOfSight(_out_of_sight(run, outage)) from None
                 run.pause(deadline)
                 continue
-            outage.over()
+            # The start clock stands still while the launcher cannot see the replicas.
+            unseen = outage.over()
+            started_waiting, last_running = started_waiting + unseen, last_running + unseen
             if job is None:
                 raise LostTrack(f"{run.what} was deleted before it finished (by "
                                 "someone else, or by its TTL)")
