@@ -309,13 +309,16 @@ def build_pipeline(options: Options = Options()):
             image_size=model_image_size, batch_size=train_batch_size, train_steps=train_steps,
             checkpoint_every=train_checkpoint_every, train_args=train_extra_args,
         ), "small", "train", deadline_kind="train")
-        # The job's owner is this step's pod: the downward API tells the launcher who it is.
+        # The downward API tells the launcher which pod it runs in; that pod's Workflow (the
+        # run) becomes the job's owner.
         for env, field in (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace"),
                            ("POD_UID", "metadata.uid")):
             kubernetes.use_field_path_as_env(trained, env, field)
         # No automatic retry: the job restarts failed workers itself (restartPolicy,
         # backoffLimit), and a retried launcher after a timeout would start training over.
-        # Retrying the run in the KFP UI re-attaches to the job: its name comes from the run id.
+        # Retrying the run in the KFP UI re-attaches to the job: its name comes from the run id,
+        # and its owner is the run's Workflow (the launcher reads it off its pod), which the
+        # retry keeps while it deletes the failed step's pod.
 
         evaluated = _retry(configure(evaluate(data_uri=data_uri, model=trained.outputs["model"]),
                                      "tensorflow", "evaluate"))

@@ -65,7 +65,7 @@ def test_a_running_job_outlives_an_api_server_restart_and_its_log_stream_resumes
         assert backend.get(control_plane.admin(), kube_namespace, "resnet-test") is not None
         control_plane.pod_log(kube_namespace, chief, ["after the outage"],
                               container=backend.container)
-        wait_until(lambda: "after the outage" in output.getvalue(), 40,
+        wait_until(lambda: "after the outage" in output.getvalue(), 90,
                    "the chief's log after the outage")
         finish(control_plane, kube_namespace, pods)
         assert result.result(timeout=60) == 0

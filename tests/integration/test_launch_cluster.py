@@ -23,10 +23,10 @@ from kubernetes import client
 from resnet_imagenet import cli
 from resnet_imagenet.errors import UserError
 from resnet_imagenet.launch import lifecycle, local, options, trainjob
-from resnet_imagenet.launch.lifecycle.submit import submit
+from resnet_imagenet.launch.lifecycle.submit import launcher_owner, submit
 from resnet_imagenet.training import strategy
-from tests.support.backends import (TRAINJOB, apply, can_i, core, custom, finish, gone, launching,
-                                    render_overlay, running_pods, wait_until)
+from tests.support.backends import (TFJOB, TRAINJOB, apply, can_i, core, custom, finish, gone,
+                                    launching, render_overlay, running_pods, wait_until)
 from tests.support.cluster import GPU_ACCELERATOR, GPU_POOL, NODEPOOL_LABEL
 
 POLL = 0.1
@@ -445,3 +445,126 @@ def test_without_the_trainjob_rule_the_launcher_names_verb_resource_and_namespac
         "error: permission denied: the launcher's identity may not create "
         f"trainjobs.trainer.kubeflow.org in namespace '{kube_namespace}'")
     assert trainjob.RBAC_MANIFEST in err[0]
+
+
+# --- KFP's Retry: the run's Workflow owns the job -------------------------------------------
+
+
+def argo_workflow(plane, namespace: str, name: str) -> dict:
+    """A Workflow object standing for a KFP run (Argo's group, version and kind; its CRD
+    installed once per plane, schemaless: the launcher only needs its identity)."""
+    from kubernetes.client import ApiextensionsV1Api
+
+    crd = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+           "metadata": {"name": "workflows.argoproj.io"},
+           "spec": {"group": "argoproj.io", "scope": "Namespaced",
+                    "names": {"kind": "Workflow", "plural": "workflows",
+                              "singular": "workflow", "listKind": "WorkflowList"},
+                    "versions": [{"name": "v1alpha1", "served": True, "storage": True,
+                                  "schema": {"openAPIV3Schema": {
+                                      "type": "object",
+                                      "x-kubernetes-preserve-unknown-fields": True}}}]}}
+    try:
+        ApiextensionsV1Api(plane.admin()).create_custom_resource_definition(crd)
+    except client.ApiException as exc:
+        if exc.status != 409:
+            raise
+
+    def created():
+        try:
+            return custom(plane).create_namespaced_custom_object(
+                "argoproj.io", "v1alpha1", namespace, "workflows",
+                {"apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow",
+                 "metadata": {"name": name}, "spec": {}})
+        except client.ApiException as exc:
+            if exc.status == 404:  # the CRD is not served yet
+                return None
+            raise
+    return wait_until(created, what="the Workflow CRD served")
+
+
+def step_pod(plane, namespace: str, name: str, workflow: dict) -> client.V1Pod:
+    """A KFP step's pod: owned by the run's Workflow, as Argo makes them."""
+    return core(plane).create_namespaced_pod(namespace, {
+        "metadata": {"name": name, "ownerReferences": [{
+            "apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow",
+            "name": workflow["metadata"]["name"], "uid": workflow["metadata"]["uid"],
+            "controller": True}]},
+        "spec": {"containers": [{"name": "main", "image": "launcher:test"}]}})
+
+
+def as_step(monkeypatch, namespace: str, pod: client.V1Pod) -> None:
+    monkeypatch.setenv("POD_NAMESPACE", namespace)
+    monkeypatch.setenv("POD_NAME", pod.metadata.name)
+    monkeypatch.setenv("POD_UID", pod.metadata.uid)
+
+
+def test_a_retried_step_reattaches_and_the_runs_deletion_collects_the_job(
+        control_plane, kube_namespace, monkeypatch, caplog):
+    """The job's owner is the run's Workflow, not the step's pod: KFP's Retry deletes the
+    failed step's pod, and the job (still training) outlives it, the retry re-attaching to it;
+    deleting the run still garbage-collects the job."""
+    caplog.set_level(logging.INFO)
+    workflow = argo_workflow(control_plane, kube_namespace, "resnet-run")
+    opts = TFJOB.options(kube_namespace, name=options.job_name("run-r"), run_id="run-r")
+    name = opts.name
+    first = step_pod(control_plane, kube_namespace, "train-step-1", workflow)
+    as_step(monkeypatch, kube_namespace, first)
+    # The first attempt's launcher submits the job, owned as the launcher owns it ...
+    run = lifecycle.JobRun(control_plane.admin(), TFJOB.cluster, TFJOB.build(opts))
+    owner = launcher_owner(run)
+    assert owner == {"apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow",
+                     "name": "resnet-run", "uid": workflow["metadata"]["uid"]}
+    run.body["metadata"]["ownerReferences"] = [owner]
+    created = submit(run)
+    running_pods(control_plane, TFJOB, kube_namespace, name, 2)
+    # ... and dies outright (an OOM kill, a lost node): the step fails, and KFP's Retry
+    # deletes its pod.
+    core(control_plane).delete_namespaced_pod("train-step-1", kube_namespace)
+    wait_until(lambda: not [p for p in core(control_plane).list_namespaced_pod(
+        kube_namespace).items if p.metadata.name == "train-step-1"], what="the step pod gone")
+    time.sleep(3)  # time enough for the garbage collector, had the pod owned the job
+    assert TFJOB.get(control_plane.admin(), kube_namespace, name)["metadata"]["uid"] == \
+        created["metadata"]["uid"]
+
+    second = step_pod(control_plane, kube_namespace, "train-step-2", workflow)
+    as_step(monkeypatch, kube_namespace, second)
+    with launching(TFJOB, control_plane.admin(), opts) as (result, _):
+        pods = running_pods(control_plane, TFJOB, kube_namespace, name, 2)
+        finish(control_plane, kube_namespace, pods)
+        assert result.result(timeout=90) == 0
+    assert f"re-attached to the existing TFJob {kube_namespace}/{name}" in caplog.text
+    job = TFJOB.get(control_plane.admin(), kube_namespace, name)
+    assert job["metadata"]["uid"] == created["metadata"]["uid"]
+    assert [o["uid"] for o in job["metadata"]["ownerReferences"]] == [workflow["metadata"]["uid"]]
+
+    # Deleting the run (its Workflow) collects the job and its pods.
+    custom(control_plane).delete_namespaced_custom_object(
+        "argoproj.io", "v1alpha1", kube_namespace, "workflows", "resnet-run")
+    wait_until(lambda: gone(control_plane, TFJOB, kube_namespace, name),
+               what="the job collected with its Workflow")
+
+
+def test_a_retry_after_the_job_failed_reports_it_and_trains_anew(
+        control_plane, kube_namespace, caplog):
+    """A job of this run that has failed is reported, then replaced (not adopted: the retry
+    would only report the same failure again); training resumes from its checkpoint."""
+    caplog.set_level(logging.INFO)
+    opts = TFJOB.options(kube_namespace, name=options.job_name("run-f"), run_id="run-f")
+    name = opts.name
+    with launching(TFJOB, control_plane.admin(), opts) as (result, _):
+        pods = running_pods(control_plane, TFJOB, kube_namespace, name, 2)
+        finish(control_plane, kube_namespace, [pods[1]], exit_code=1, reason="Error")
+        assert result.result(timeout=90) == 1
+    failed = TFJOB.get(control_plane.admin(), kube_namespace, name)
+    assert TFJOB.cluster.failure(failed) is not None
+    with launching(TFJOB, control_plane.admin(), opts) as (result, _):
+        def new_pods():
+            pods = running_pods(control_plane, TFJOB, kube_namespace, name, 2)
+            job = TFJOB.get(control_plane.admin(), kube_namespace, name)
+            return pods if job and job["metadata"]["uid"] != failed["metadata"]["uid"] else None
+        finish(control_plane, kube_namespace, wait_until(new_pods, what="the new job's pods"))
+        assert result.result(timeout=90) == 0
+    assert (f"TFJob {kube_namespace}/{name} of this run failed earlier (TFJobFailed: "
+            in caplog.text)
+    assert f"deleted TFJob {kube_namespace}/{name}" in caplog.text

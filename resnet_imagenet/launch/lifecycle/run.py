@@ -14,7 +14,7 @@ from resnet_imagenet.launch.lifecycle.job import (DEFAULT_API_OUTAGE_TIMEOUT, DE
                                                   DEFAULT_START_TIMEOUT, JobRun, Timeout)
 from resnet_imagenet.launch.lifecycle.logs import report_failure
 from resnet_imagenet.launch.lifecycle.restarts import DEFAULT_MAX_RESTARTS, TooManyRestarts
-from resnet_imagenet.launch.lifecycle.submit import CreateFailed, launcher_pod_owner, submit
+from resnet_imagenet.launch.lifecycle.submit import CreateFailed, launcher_owner, submit
 from resnet_imagenet.launch.lifecycle.wait import LostTrack, NoStart, OutOfSight, wait
 from resnet_imagenet.launch.options import ClusterOptions
 from resnet_imagenet.launch.runtime import (FAILED, TIMED_OUT, PrefixedOutput, Terminated,
@@ -66,13 +66,13 @@ def launch(backend: ClusterBackend, opts: ClusterOptions, *, api_client=None,
         api_client, namespace_default = connect(kubeconfig, context)
     opts = dataclasses.replace(opts, namespace=opts.namespace or namespace_default)
     body = backend.manifest(opts)
-    owner = launcher_pod_owner(opts.namespace)
-    if owner:
-        body["metadata"]["ownerReferences"] = [owner]
     run = JobRun(api_client, backend, body, poll_interval=poll_interval, log_tail=log_tail,
                  output=PrefixedOutput(output), start_timeout=start_timeout,
                  delete_wait=delete_wait, api_outage_timeout=api_outage_timeout,
                  max_restarts=max_restarts)
+    owner = launcher_owner(run)
+    if owner:
+        body["metadata"]["ownerReferences"] = [owner]
     deadline = None if timeout is None else time.monotonic() + timeout
     with terminate_on_signals():
         try:

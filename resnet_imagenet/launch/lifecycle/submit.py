@@ -12,7 +12,10 @@ from resnet_imagenet.launch.lifecycle.client import (SERVICE_ACCOUNT_NAMESPACE_F
                                                      ApiUnreachable, log, may_have_acted,
                                                      server_message, transient, webhook_denial)
 from resnet_imagenet.launch.lifecycle.job import JobRun, Outage
+from resnet_imagenet.launch.lifecycle.logs import report_failure
 from resnet_imagenet.launch.options import RUN_ID_ANNOTATION, SPEC_HASH_ANNOTATION
+
+WORKFLOW_GROUP, WORKFLOW_KIND = "argoproj.io", "Workflow"  # what runs a KFP v2 pipeline
 
 
 def launcher_pod_owner(namespace: str) -> dict | None:
@@ -40,6 +43,37 @@ def launcher_pod_owner(namespace: str) -> dict | None:
 class CreateFailed(Exception):
     """The create failed with transient errors (unreachable, 429, 5xx) for --api-outage-timeout.
     ``run.ours`` says whether one of the tries may have created the job all the same."""
+
+
+def launcher_owner(run: JobRun) -> dict | None:
+    """The ownerReference the job gets: the launcher pod's own owner when that is an Argo
+    Workflow (a KFP step: the run's Workflow), else the launcher's pod, else None (not in a
+    pod, or in another namespace).
+
+    A KFP Retry deletes the failed step's pod and runs a new one; a job owned by that pod would
+    be garbage-collected with it, and training would start over. Owned by the Workflow, the job
+    outlives the retried pod (the retry re-attaches to it) and still goes with the run when the
+    run is deleted.
+    """
+    pod_ref = launcher_pod_owner(run.namespace)
+    if pod_ref is None:
+        return None
+    try:
+        with run.api("get", "pods"):
+            pod = run.core.read_namespaced_pod(pod_ref["name"], run.namespace,
+                                               _request_timeout=run.request_timeout)
+    except Exception as exc:  # the pod's reference is still an owner worth having
+        log.warning("cannot read the launcher's pod %s (%s): the job is owned by that pod, so a "
+                    "retry of the step that replaces the pod starts it over", pod_ref["name"],
+                    server_message(exc))
+        return pod_ref
+    if pod.metadata.uid != pod_ref["uid"]:
+        return pod_ref
+    for ref in pod.metadata.owner_references or []:
+        if ref.kind == WORKFLOW_KIND and (ref.api_version or "").startswith(WORKFLOW_GROUP + "/"):
+            return {"apiVersion": ref.api_version, "kind": ref.kind, "name": ref.name,
+                    "uid": ref.uid}
+    return pod_ref
 
 
 def submit(run: JobRun, deadline: float | None = None) -> dict:
@@ -96,7 +130,10 @@ def submit(run: JobRun, deadline: float | None = None) -> dict:
                 waiting_for_deletion = True
             run.pause(deadline)
             continue
-        return _attach(run, existing, lost)
+        attached = _attach(run, existing, lost)
+        if attached is not None:
+            return attached
+        # A failed job of this run (a retried step): reported and deleted; create it anew.
 
 
 def _create(run: JobRun, lost: bool) -> dict | None:
@@ -136,10 +173,11 @@ def _refused(run: JobRun, exc: ApiException) -> UserError:
     return UserError(f"the API server refused {run.what}: {' '.join(message.split())}{hint}")
 
 
-def _attach(run: JobRun, existing: dict, lost: bool = False) -> dict:
+def _attach(run: JobRun, existing: dict, lost: bool = False) -> dict | None:
     """Adopt ``existing``, the job of this run, when its spec hash (and run id, where both have
     one) are ours; add our owner. ``lost``: a create of ours whose answer was lost may have made
-    it."""
+    it. A job of this run that has failed is reported and deleted instead (None: create it
+    anew)."""
     mine = run.body["metadata"]["annotations"]
     annotations = existing["metadata"].get("annotations") or {}
     ours, theirs = mine[SPEC_HASH_ANNOTATION], annotations.get(SPEC_HASH_ANNOTATION)
@@ -158,6 +196,19 @@ def _attach(run: JobRun, existing: dict, lost: bool = False) -> dict:
             f"{run.backend.short} {run.name}) or launch under another --name/--run-id"
         )
     run.ours = "yes"
+    failure = run.backend.failure(existing)
+    if failure is not None and not lost:
+        # A retry of the step (KFP's Retry, a restarted launcher) means another try: the
+        # failed job is reported here, then replaced; training resumes from its checkpoint.
+        log.warning("%s of this run failed earlier (%s: %s); its failed replicas follow, then "
+                    "it is deleted and created anew (training resumes from its last checkpoint)",
+                    run.what, failure.get("reason", ""), failure.get("message", ""))
+        report_failure(run, existing)
+        if not run.delete():
+            raise UserError(f"{run.what} of this run failed earlier and could not be deleted: "
+                            f"delete it with kubectl -n {run.namespace} delete "
+                            f"{run.backend.short} {run.name}, then retry")
+        return None
     if lost:
         log.info("adopted %s: the create whose answer was lost had made it (created %s)",
                  run.what, existing["metadata"].get("creationTimestamp", "earlier"))
