@@ -110,7 +110,8 @@ def test_the_validate_step_runs_the_preflight(raw, gcs_bucket, policy):
             train_batch_size=64, train_steps=10, model_resnet_depth=50, model_num_classes=1000,
             model_image_size=224, tfrecord_tasks=2, tfrecord_shards_train=4,
             tfrecord_shards_validation=2, train_timeout_seconds=3600,
-            train_timeout_max_seconds=604800, train_gpu_tolerations=[], step_tolerations=[],
+            train_timeout_max_seconds=604800, train_start_timeout_seconds=1800,
+            train_gpu_tolerations=[], step_tolerations=[],
             train_extra_args=[],
             data_raw_uri=raw,
             data_tfrecord_uri=f"{raw.rsplit('/', 1)[0]}/tfrecords",  # writable: another bucket
