@@ -24,6 +24,7 @@ from kubernetes.client.exceptions import ApiException
 from resnet_imagenet.errors import UserError
 from resnet_imagenet.launch.lifecycle.client import log, server_message
 from resnet_imagenet.launch.lifecycle.job import JobRun
+from resnet_imagenet.launch.lifecycle.logs import container_status, terminated
 
 DEFAULT_MAX_RESTARTS = 5
 EXITED_RE = re.compile(r"Pod: [^.]+\.(\S+) exited with code (-?\d+)")
@@ -66,12 +67,11 @@ class Restarts:
                 "--max-restarts")
 
     def _saw(self, pod) -> None:
-        for status in (pod.status.container_statuses or []) if pod.status else []:
-            ended = status.state.terminated if status.state else None
-            if ended is not None and ended.exit_code:
-                self._failed[pod.metadata.uid] = (
-                    self._run.backend.replica_name(pod), pod.metadata.name, ended.exit_code,
-                    ended.reason or "")
+        ended = terminated(container_status(pod, self._run.backend.containers))
+        if ended is not None and ended.exit_code:
+            self._failed[pod.metadata.uid] = (
+                self._run.backend.replica_name(pod), pod.metadata.name, ended.exit_code,
+                ended.reason or "")
 
     def _describe(self, exited: tuple[str, int] | None) -> str:
         """``worker-1 (pod NAME) exited with code 137 (OOMKilled)`` for the last failure."""
